@@ -1,0 +1,1 @@
+"""Command implementations behind ``strato-peft`` subcommands."""

@@ -1,0 +1,265 @@
+"""Typed experiment configuration.
+
+Every section forbids unknown keys, so a typo is an error (with a suggestion, see
+:mod:`strato_peft.config.loader`) instead of a silently ignored setting. Field names
+follow the product spec's example YAML (``model.path``, ``peft.rank``,
+``training.gradient_accumulation_steps``, ``device_info.device_type`` ...).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from strato_peft.registry import METHODS, TASKS, check_name
+
+DeviceType = Literal["auto", "cuda", "rocm", "mps", "cpu"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+ModelSource = Literal["auto", "hub", "local", "gguf", "packaged", "tiny", "architecture"]
+
+
+class Section(BaseModel):
+    """Base of every config section: strict keys, assignment re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ArchitectureConfig(Section):
+    """Architecture fields, enough to build a model on the meta device (no weights)."""
+
+    type: Literal["llama"] = "llama"
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_hidden_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int | None = Field(default=None, gt=0)
+    vocab_size: int = Field(gt=0)
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = Field(default=4096, gt=0)
+    rms_norm_eps: float = Field(default=1e-5, gt=0)
+    rope_theta: float = Field(default=10000.0, gt=0)
+    head_dim: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ArchitectureConfig:
+        kv = self.num_key_value_heads or self.num_attention_heads
+        if self.num_attention_heads % kv:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({kv})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}) unless head_dim is set"
+            )
+        return self
+
+
+class ModelConfig(Section):
+    """Which base model to load and how.
+
+    ``source`` picks the loader; ``auto`` infers it from ``path`` (a ``.gguf`` file,
+    an existing folder, else a hub id) or from ``architecture`` when there is no path.
+    """
+
+    name: str = Field(min_length=1, description="Short name used in run folder paths.")
+    path: str | None = None
+    source: ModelSource = "auto"
+    gguf_file: str | None = None
+    architecture: ArchitectureConfig | None = None
+    device_map: str | None = None
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    cache_dir: str | None = None
+
+
+class AdaLoraSettings(Section):
+    """AdaLoRA schedule (Zhang et al., 2023); ``peft.rank`` is the *target* average rank."""
+
+    init_rank: int | None = Field(default=None, gt=0)
+    tinit: int = Field(default=0, ge=0)
+    tfinal: int = Field(default=0, ge=0)
+    delta_t: int = Field(default=1, gt=0)
+    beta1: float = Field(default=0.85, gt=0, lt=1)
+    beta2: float = Field(default=0.85, gt=0, lt=1)
+    orth_reg_weight: float = Field(default=0.5, ge=0)
+
+
+class StratoBudget(Section):
+    """Hard caps relative to the reference LoRA configuration (``None`` = no cap)."""
+
+    params: float | None = Field(default=0.7, gt=0)
+    flops: float | None = Field(default=None, gt=0)
+
+
+class StratoReference(Section):
+    """The uniform LoRA configuration that STRATO's costs are measured against."""
+
+    rank: int = Field(default=16, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class StratoSearch(Section):
+    """How much real evaluation the search may spend."""
+
+    evaluations: int = Field(default=16, gt=0)
+    steps_per_evaluation: int = Field(default=50, gt=0)
+    max_wall_time_s: float | None = Field(default=None, gt=0)
+
+
+class StratoSettings(Section):
+    """Settings of the STRATO search (used when ``peft.method`` is ``strato``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    rank_menu: list[int] = Field(default_factory=lambda: [0, 2, 4, 8, 16, 32])
+    module_types: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+    lambda_: float = Field(default=0.5, ge=0, alias="lambda")
+    reference: StratoReference = Field(default_factory=StratoReference)
+    budget: StratoBudget = Field(default_factory=StratoBudget)
+    search: StratoSearch = Field(default_factory=StratoSearch)
+
+    @field_validator("rank_menu")
+    @classmethod
+    def _menu(cls, menu: list[int]) -> list[int]:
+        if not menu or any(r < 0 for r in menu):
+            raise ValueError("rank_menu must be a non-empty list of ranks >= 0")
+        return sorted(set(menu))
+
+
+class PeftSettings(Section):
+    """Which PEFT method and its hyper-parameters."""
+
+    method: str = "lora"
+    rank: int = Field(default=16, gt=0)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    layers_to_transform: list[int] | None = None
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    use_rslora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    adalora: AdaLoraSettings = Field(default_factory=AdaLoraSettings)
+    strato: StratoSettings = Field(default_factory=StratoSettings)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        return check_name("method", name, METHODS)
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _ranks_positive(cls, pattern: dict[str, int]) -> dict[str, int]:
+        bad = {k: v for k, v in pattern.items() if v <= 0}
+        if bad:
+            raise ValueError(f"ranks must be > 0, got {bad}")
+        return pattern
+
+    @field_validator("layers_to_transform")
+    @classmethod
+    def _layers_non_negative(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is not None and (not layers or min(layers) < 0):
+            raise ValueError("layers_to_transform must be a non-empty list of layer indices >= 0")
+        return layers
+
+
+class TaskConfig(Section):
+    """Which task and which data."""
+
+    name: str = "gsm8k"
+    data_path: str | None = None
+    subset: str | None = None
+    max_length: int = Field(default=512, gt=0)
+    limit: int | None = Field(default=None, gt=0)
+    eval_limit: int | None = Field(default=None, gt=0)
+    num_fewshot: int | None = Field(default=None, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        return check_name("task", name, TASKS)
+
+
+class TrainingConfig(Section):
+    """Optimisation settings. ``max_steps`` (optimizer steps) wins over ``num_epochs``."""
+
+    batch_size: int = Field(default=4, gt=0)
+    eval_batch_size: int | None = Field(default=None, gt=0)
+    learning_rate: float = Field(default=1e-4, gt=0)
+    num_epochs: float = Field(default=3, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    gradient_accumulation_steps: int = Field(default=16, gt=0)
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    gradient_checkpointing: bool = False
+    eval_every_steps: int | None = Field(default=None, gt=0)
+    save_every_steps: int | None = Field(default=None, gt=0)
+
+
+class DeviceInfoConfig(Section):
+    """Platform and precision. ``precision: auto`` picks bf16, else fp16, else fp32."""
+
+    device_type: DeviceType = "auto"
+    mixed_precision: bool = True
+    precision: Precision = "auto"
+    compile_model: bool = False
+    gpu_ids: list[int] | None = None
+
+
+class LoggingConfig(Section):
+    """Logs, trackers and profiling."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_dir: str = "logs"
+    wandb: bool = True
+    wandb_project: str = "strato-peft"
+    wandb_entity: str | None = None
+    tensorboard: bool = True
+    profile: bool = False
+
+
+class OutputConfig(Section):
+    """Where run folders go: ``<dir>/<model>/<task>/<method>_rank<r>[_lambda<l>]_seed<s>/``."""
+
+    dir: str = "results"
+    save_adapter: bool = True
+
+
+class ExperimentMeta(Section):
+    """Names a run carries into trackers (tag ``model/task/phase/lambdaX_rankY_seedZ``)."""
+
+    name: str | None = None
+    phase: str = "dev"
+    description: str | None = None
+
+
+class ExperimentConfig(Section):
+    """The whole, resolved configuration of one run."""
+
+    seed: int = 42
+    experiment: ExperimentMeta = Field(default_factory=ExperimentMeta)
+    model: ModelConfig
+    peft: PeftSettings = Field(default_factory=PeftSettings)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    device_info: DeviceInfoConfig = Field(default_factory=DeviceInfoConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
