@@ -22,6 +22,8 @@ EXIT_USAGE = 2
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("strato_peft.commands.run:main", "train or dry-run one experiment (the default)"),
+    "score": ("strato_peft.commands.score:main", "score a JSONL file of predictions (no model)"),
+    "eval": ("strato_peft.commands.eval:main", "evaluate a run folder's adapter on its task"),
 }
 
 log = logging.getLogger("strato_peft")
