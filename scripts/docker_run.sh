@@ -211,7 +211,11 @@ else
 
     case $command in
         jupyter)
+            # results/ and logs/ again: they are VOLUMEs of the image, which
+            # would otherwise get fresh anonymous volumes over the checkout's.
             run+=(--volume "$REPO_ROOT:/workspace"
+                --volume "$REPO_ROOT/results:/workspace/results"
+                --volume "$REPO_ROOT/logs:/workspace/logs"
                 --volume "$HF_CACHE:/cache/huggingface"
                 --publish "127.0.0.1:$JUPYTER_PORT:8888")
             ;;

@@ -212,7 +212,10 @@ def test_compose_dev_profile_is_valid() -> None:
     assert jupyter["command"][:2] == ["jupyter", "lab"]
     assert (jupyter["image"], jupyter["build"]["target"]) == ("strato-peft:cpu-dev", "dev")
     assert (tensorboard["image"], tensorboard["build"]["target"]) == ("strato-peft:cpu", "runtime")
-    assert Path(bind_targets(jupyter)["/workspace"]["source"]) == REPO
+    jupyter_mounts = bind_targets(jupyter)
+    assert Path(jupyter_mounts["/workspace"]["source"]) == REPO
+    assert Path(jupyter_mounts["/workspace/results"]["source"]) == REPO / "results"
+    assert Path(jupyter_mounts["/workspace/logs"]["source"]) == REPO / "logs"
     assert tensorboard["command"][0] == "tensorboard"
     assert {port["target"] for port in jupyter["ports"]} == {8888}
     assert {port["target"] for port in tensorboard["ports"]} == {6006}
@@ -293,6 +296,9 @@ def test_print_shows_the_docker_command(fake_repo: Path, command: str, platform:
         assert argv[-1] == "bash" and "--interactive" in argv
     if command == "jupyter":
         assert f"{fake_repo}:/workspace" in mounted
+        # The image's VOLUMEs must be bound too, or anonymous volumes hide them.
+        assert f"{fake_repo}/results:/workspace/results" in mounted
+        assert f"{fake_repo}/logs:/workspace/logs" in mounted
         assert "127.0.0.1:8888:8888" in argv
         assert argv[argv.index(f"{image}-dev") + 1 : argv.index(f"{image}-dev") + 3] == [
             "jupyter",
