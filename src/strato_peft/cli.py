@@ -67,14 +67,17 @@ def build_run_parser(prog: str = "strato-peft run") -> argparse.ArgumentParser:
 
 
 def setup_logging(debug: bool) -> None:
-    """Rich console logging; ``--debug`` shows DEBUG records."""
+    """Rich logging on stderr (stdout stays clean for ``--json``); ``--debug`` adds DEBUG."""
+    from rich.console import Console
     from rich.logging import RichHandler
 
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(message)s",
         datefmt="[%X]",
-        handlers=[RichHandler(show_path=debug, rich_tracebacks=debug)],
+        handlers=[
+            RichHandler(console=Console(stderr=True), show_path=debug, rich_tracebacks=debug)
+        ],
         force=True,
     )
     if not debug:

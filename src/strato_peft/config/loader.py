@@ -168,7 +168,9 @@ def _source_of(dotted: str, sources: dict[str, str], default: str) -> str:
 
 def format_validation_error(exc: ValidationError, sources: dict[str, str], default: str) -> str:
     """One line naming the dotted key, where it was set, and the closest valid key."""
-    err = exc.errors()[0]
+    # An unknown key first: a misspelt key also shows up as the real key "missing".
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    err = errors[0]
     loc = tuple(err["loc"])
     dotted = ".".join(str(p) for p in loc) or "<root>"
     where = _source_of(dotted, sources, default)

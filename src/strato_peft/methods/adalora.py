@@ -1,0 +1,69 @@
+"""AdaLoRA (Zhang et al., 2023) through ``peft.AdaLoraConfig``.
+
+Adapters are parameterised as ``P diag(E) Q`` starting at ``init_rank`` per module; the
+budget falls on a cubic schedule from ``tinit`` to ``total_step - tfinal`` down to an
+average of ``peft.rank`` (the target rank), masking the least important triplets.
+peft requires ``update_and_allocate(step)`` after every optimizer step: that is done in
+:meth:`AdaLoraMethod.on_optimizer_step`, the loop's generic per-step hook.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from strato_peft.methods.base import Method, MethodError
+
+if TYPE_CHECKING:
+    from peft import AdaLoraConfig, PeftModel
+    from transformers import PreTrainedModel
+
+#: Used when no training plan is known (``--dry-run``): parameter counts do not depend on it.
+DRY_RUN_TOTAL_STEPS = 1000
+
+
+class AdaLoraMethod(Method):
+    """SVD-style adaptive rank allocation with masking."""
+
+    name = "adalora"
+
+    @property
+    def init_rank(self) -> int:
+        s = self.settings
+        return s.adalora.init_rank or s.rank + (s.rank + 1) // 2
+
+    def peft_config(self, model: PreTrainedModel) -> AdaLoraConfig:
+        from peft import AdaLoraConfig
+
+        s = self.settings
+        a = s.adalora
+        if self.init_rank < s.rank:
+            raise MethodError(
+                f"peft.adalora.init_rank ({self.init_rank}) must be >= peft.rank ({s.rank}), the "
+                "target rank AdaLoRA prunes down to"
+            )
+        total = self.total_steps or DRY_RUN_TOTAL_STEPS
+        if a.tinit >= total - a.tfinal:
+            raise MethodError(
+                f"peft.adalora: tinit ({a.tinit}) + tfinal ({a.tfinal}) leave no budgeting phase in "
+                f"{total} optimizer steps; lower them or train longer"
+            )
+        kwargs = self.lora_kwargs()
+        kwargs.pop("r")
+        kwargs.pop("use_rslora")
+        return AdaLoraConfig(
+            init_r=self.init_rank,
+            target_r=s.rank,
+            tinit=a.tinit,
+            tfinal=a.tfinal,
+            deltaT=a.delta_t,
+            beta1=a.beta1,
+            beta2=a.beta2,
+            orth_reg_weight=a.orth_reg_weight,
+            total_step=total,
+            **kwargs,
+        )
+
+    def on_optimizer_step(self, model: PeftModel, step: int) -> None:
+        # peft's contract: after optimizer.step(), before zero_grad(); the gradients are
+        # still there and feed the sensitivity estimate.
+        model.base_model.update_and_allocate(step)

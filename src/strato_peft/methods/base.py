@@ -1,0 +1,138 @@
+"""The contract every PEFT method follows.
+
+A method turns the ``peft`` config section into a ``peft`` model (:meth:`Method.build`)
+and may act during training through :meth:`Method.on_optimizer_step`, a hook the
+training loop calls after *every* optimizer step for *every* method, so that the loop
+never branches on a method's name (AdaLoRA's ``update_and_allocate`` lives there).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from strato_peft.config.schema import PeftSettings
+from strato_peft.registry import METHODS, did_you_mean, resolve
+
+if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
+    from transformers import PreTrainedModel
+
+
+class MethodError(Exception):
+    """A PEFT setting does not fit the model (unknown module, layer out of range ...)."""
+
+
+class Method:
+    """Base class; subclasses implement :meth:`peft_config`."""
+
+    name = "base"
+    #: False for methods whose allocation is decided at run time (``strato``).
+    static_allocation = True
+
+    def __init__(self, settings: PeftSettings, total_steps: int | None = None) -> None:
+        self.settings = settings
+        self.total_steps = total_steps
+
+    # -- to implement -------------------------------------------------------------------
+    def peft_config(self, model: PreTrainedModel) -> PeftConfig:
+        raise NotImplementedError
+
+    # -- shared behaviour ---------------------------------------------------------------
+    def build(self, model: PreTrainedModel) -> PeftModel:
+        """Validate the settings against ``model`` and wrap it with the adapter."""
+        from peft import get_peft_model
+
+        self.validate(model)
+        config = self.peft_config(model)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:
+            raise MethodError(f"peft.method={self.name}: {exc}") from None
+
+    def on_optimizer_step(self, model: PeftModel, step: int) -> None:
+        """Called by the training loop after every optimizer step (``step`` counts from 1)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state to checkpoint (none by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def validate(self, model: PreTrainedModel) -> None:
+        """Target modules, layers and ``rank_pattern`` keys must all match the model.
+
+        Plain peft ignores a ``rank_pattern`` key that matches nothing; here it is an
+        error naming the key, since a typo there silently changes the experiment.
+        """
+        s = self.settings
+        linear_names = [n for n, m in model.named_modules() if type(m).__name__ == "Linear"]
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+        for target in s.target_modules:
+            if not any(n == target or n.endswith(f".{target}") for n in linear_names):
+                raise MethodError(
+                    f"peft.target_modules: '{target}' matches no linear module of the model "
+                    f"(module types: {', '.join(suffixes)}){did_you_mean(target, suffixes)}"
+                )
+        n_layers = getattr(model.config, "num_hidden_layers", None)
+        if s.layers_to_transform and n_layers is not None:
+            bad = [i for i in s.layers_to_transform if i >= n_layers]
+            if bad:
+                raise MethodError(
+                    f"peft.layers_to_transform: layers {bad} do not exist (the model has "
+                    f"{n_layers} layers: 0..{n_layers - 1})"
+                )
+        targeted = self.targeted_modules(model)
+        for field, pattern in (("rank_pattern", s.rank_pattern), ("alpha_pattern", s.alpha_pattern)):
+            for key in pattern:
+                try:
+                    regex = re.compile(rf"(.*\.)?({key})$")
+                except re.error as exc:
+                    raise MethodError(f"peft.{field}: key '{key}' is not a valid regex ({exc})") from None
+                if not any(regex.match(name) for name in targeted):
+                    example = targeted[0] if targeted else "model.layers.0.self_attn.q_proj"
+                    raise MethodError(
+                        f"peft.{field}: key '{key}' matches no adapted module (keys match the end "
+                        f"of a module name such as '{example}')"
+                    )
+
+    def targeted_modules(self, model: PreTrainedModel) -> list[str]:
+        """Names of the modules the adapter will wrap (target modules x layers)."""
+        s = self.settings
+        layer_re = re.compile(r"\.layers\.(\d+)\.")
+        names = []
+        for name, module in model.named_modules():
+            if type(module).__name__ != "Linear":
+                continue
+            if not any(name == t or name.endswith(f".{t}") for t in s.target_modules):
+                continue
+            if s.layers_to_transform is not None:
+                match = layer_re.search(f".{name}")
+                if match is None or int(match.group(1)) not in s.layers_to_transform:
+                    continue
+            names.append(name)
+        return names
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        """Settings shared by the LoRA family."""
+        s = self.settings
+        return {
+            "r": s.rank,
+            "lora_alpha": s.alpha,
+            "lora_dropout": s.dropout,
+            "target_modules": list(s.target_modules),
+            "layers_to_transform": list(s.layers_to_transform) if s.layers_to_transform else None,
+            "rank_pattern": dict(s.rank_pattern),
+            "alpha_pattern": dict(s.alpha_pattern),
+            "use_rslora": s.use_rslora,
+            "bias": s.bias,
+            "task_type": "CAUSAL_LM",
+        }
+
+
+def get_method(settings: PeftSettings, total_steps: int | None = None) -> Method:
+    """Instantiate the registered method named by ``settings.method``."""
+    cls = resolve("method", settings.method, METHODS)
+    method: Method = cls(settings, total_steps=total_steps)
+    return method
