@@ -137,14 +137,22 @@ if guard:
                     raise PermissionError(f"sandbox: {event} on {path!r} outside the working directory")
 
     sys.addaudithook(hook)
+def flush():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
 try:
     exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
 except BaseException:
     try:
         traceback.print_exc(limit=5)
+        flush()
     finally:
         os._exit(1)
 try:
+    flush()
     token = os.read(nonce_fd, 64)
     os.write(result_fd, token)
 finally:
