@@ -103,7 +103,10 @@ GSM8K_ROWS = [
         "question": "Long problem?",
         "answer": "<<1+1=2>>2 <<2+2=4>>4 <<4+4=8>>8 <<8+8=16>>16\n#### 16",
     },
-    {"question": "It is cold: -3 then -2 more. Temperature?", "answer": "-3-2=<<-3-2=-5>>-5\n#### -5"},
+    {
+        "question": "It is cold: -3 then -2 more. Temperature?",
+        "answer": "-3-2=<<-3-2=-5>>-5\n#### -5",
+    },
 ]
 
 
@@ -111,7 +114,10 @@ GSM8K_ROWS = [
 def gsm8k_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "gsm8k"
     generated = [
-        {"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}=<<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"}
+        {
+            "question": f"What is {i} plus {i}?",
+            "answer": f"{i}+{i}=<<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}",
+        }
         for i in range(100)
     ]
     write_jsonl(folder / "train.jsonl", generated + GSM8K_ROWS)
@@ -124,7 +130,14 @@ MMLU_SUBJECTS = ("abstract_algebra", "world_religions")
 
 def _mmlu_rows(subject: str, split: str, count: int) -> list[list[str]]:
     return [
-        [f"{subject} {split} question {i}, with a comma?", f"a{i}", f"b{i}", f"c\n{i}", f"d{i}", "ABCD"[i % 4]]
+        [
+            f"{subject} {split} question {i}, with a comma?",
+            f"a{i}",
+            f"b{i}",
+            f"c\n{i}",
+            f"d{i}",
+            "ABCD"[i % 4],
+        ]
         for i in range(count)
     ]
 
@@ -137,7 +150,9 @@ def mmlu_dir(tmp_path: Path) -> Path:
     for split, count in (("dev", 5), ("val", 6), ("test", 4)):
         (folder / split).mkdir(parents=True)
         for subject in MMLU_SUBJECTS:
-            with open(folder / split / f"{subject}_{split}.csv", "w", newline="", encoding="utf-8") as f:
+            with open(
+                folder / split / f"{subject}_{split}.csv", "w", newline="", encoding="utf-8"
+            ) as f:
                 csv.writer(f).writerows(_mmlu_rows(subject, split, count))
     return folder
 
@@ -164,7 +179,11 @@ def humaneval_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def alpaca_file(tmp_path: Path) -> Path:
     records = [
-        {"instruction": f"Say the number {i}.", "input": "" if i % 2 else f"context {i}", "output": f"{i}"}
+        {
+            "instruction": f"Say the number {i}.",
+            "input": "" if i % 2 else f"context {i}",
+            "output": f"{i}",
+        }
         for i in range(200)
     ]
     path = tmp_path / "alpaca" / "alpaca_data.json"

@@ -40,14 +40,14 @@ def test_loglikelihood_matches_a_manual_forward_pass(tokenizer, tiny_model) -> N
     with torch.no_grad():
         logprobs = torch.log_softmax(tiny_model(ids).logits[0, :-1].float(), -1)
     expected = sum(float(logprobs[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
-    (got, _), = loglikelihood(tiny_model, tokenizer, [REQUESTS[3]], batch_size=1)
+    ((got, _),) = loglikelihood(tiny_model, tokenizer, [REQUESTS[3]], batch_size=1)
     assert got == pytest.approx(expected, abs=1e-4)
 
 
 def test_loglikelihood_does_not_depend_on_batch_size(tokenizer, tiny_model) -> None:
     one = loglikelihood(tiny_model, tokenizer, REQUESTS, batch_size=1)
     many = loglikelihood(tiny_model, tokenizer, REQUESTS, batch_size=4)
-    for (a, ga), (b, gb) in zip(one, many):
+    for (a, ga), (b, gb) in zip(one, many, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
         assert ga == gb
     assert all(score < 0 for score, _ in one)
@@ -55,7 +55,9 @@ def test_loglikelihood_does_not_depend_on_batch_size(tokenizer, tiny_model) -> N
 
 def test_greedy_generation_does_not_depend_on_batching_or_padding(tokenizer, tiny_model) -> None:
     prompts = ["Hello", "Once upon a time, in a land far away,", "def f(x):"]
-    alone = [generate(tiny_model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    alone = [
+        generate(tiny_model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts
+    ]
     batched = generate(tiny_model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
     assert batched == alone
     assert all(len(c) == 1 for c in batched)
@@ -71,7 +73,9 @@ def test_generation_is_cut_at_stop_strings(tokenizer, tiny_model) -> None:
 
 
 def test_sampling_returns_n_samples_per_prompt(tokenizer, tiny_model) -> None:
-    out = generate(tiny_model, tokenizer, ["a", "bb"], max_new_tokens=3, num_samples=3, temperature=1.0)
+    out = generate(
+        tiny_model, tokenizer, ["a", "bb"], max_new_tokens=3, num_samples=3, temperature=1.0
+    )
     assert [len(x) for x in out] == [3, 3]
 
 
@@ -102,7 +106,9 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_mean() -> None:
     assert low < 0.3 < high
 
 
-@pytest.mark.parametrize(("n", "c", "k"), [(1, 0, 1), (1, 1, 1), (10, 3, 1), (10, 3, 5), (20, 1, 10), (5, 5, 5)])
+@pytest.mark.parametrize(
+    ("n", "c", "k"), [(1, 0, 1), (1, 1, 1), (10, 3, 1), (10, 3, 5), (20, 1, 10), (5, 5, 5)]
+)
 def test_pass_at_k_is_the_unbiased_estimator(n: int, c: int, k: int) -> None:
     expected = 1.0 - math.comb(n - c, k) / math.comb(n, k)
     assert pass_at_k(n, c, k) == pytest.approx(expected)

@@ -9,7 +9,12 @@ import pytest
 
 from strato_peft.config.schema import TaskConfig
 from strato_peft.tasks import DataError, load_task
-from strato_peft.tasks.gsm8k import extract_flexible, extract_strict, normalize_number, solution_steps
+from strato_peft.tasks.gsm8k import (
+    extract_flexible,
+    extract_strict,
+    normalize_number,
+    solution_steps,
+)
 
 from .conftest import GSM8K_ROWS, write_jsonl
 
@@ -39,7 +44,14 @@ def test_extraction_table(text: str, strict: str | None, flexible: str | None) -
 
 @pytest.mark.parametrize(
     ("raw", "normal"),
-    [("1,234", "1234"), ("$1,234.00", "1234"), ("18.", "18"), ("-3", "-3"), ("007", "7"), ("x", None)],
+    [
+        ("1,234", "1234"),
+        ("$1,234.00", "1234"),
+        ("18.", "18"),
+        ("-3", "-3"),
+        ("007", "7"),
+        ("x", None),
+    ],
 )
 def test_normalize_number(raw: str, normal: str | None) -> None:
     assert normalize_number(raw) == normal
@@ -88,11 +100,15 @@ def test_environment_data_root_is_used(gsm8k_dir: Path, monkeypatch: pytest.Monk
     assert task.data_source == f"STRATO_DATA_DIR:{gsm8k_dir}"
 
 
-def test_no_source_names_the_offline_alternatives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_source_names_the_offline_alternatives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("STRATO_DATA_DIR", str(tmp_path))  # exists, but has no gsm8k/
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setitem(__import__("sys").modules, "reasoning_gym", None)
-    with pytest.raises(DataError, match=r"HF_HUB_OFFLINE.*task.data_path.*STRATO_DATA_DIR.*reasoning-gym"):
+    with pytest.raises(
+        DataError, match=r"HF_HUB_OFFLINE.*task.data_path.*STRATO_DATA_DIR.*reasoning-gym"
+    ):
         load_task(TaskConfig(name="gsm8k")).test_examples()
 
 
@@ -153,7 +169,7 @@ def test_real_gsm8k(real_data: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert len(task.test_examples()) == 1319
     assert len(task.train_examples()) + len(task.eval_examples()) == 7473
     golds = [e.target for e in task.test_examples()]
-    rows = [{"id": e.id, "completion": g} for e, g in zip(task.test_examples(), golds)]
+    rows = [{"id": e.id, "completion": g} for e, g in zip(task.test_examples(), golds, strict=True)]
     metrics = task.score_predictions(rows)
     assert metrics["strict-match"] == 1.0 and metrics["flexible-extract"] == 1.0
     easy = load_task(TaskConfig(name="gsm8k", data_path=str(real_data / "gsm8k"), subset="easy"))

@@ -11,15 +11,23 @@ from strato_peft.tasks import DataError, load_task
 from strato_peft.tasks.humaneval import SUBSET_10PCT, packaged_copy
 
 
-def _task(**kwargs):  # noqa: ANN202
+def _task(**kwargs):
     return load_task(TaskConfig(name="humaneval", **kwargs))
 
 
 def test_canonical_solutions_pass_and_empty_completions_fail(humaneval_dir: Path) -> None:
     task = _task(data_path=str(humaneval_dir))
     examples = task.test_examples()
-    assert task.score_predictions([{"task_id": e.id, "completion": e.target} for e in examples])["pass@1"] == 1.0
-    assert task.score_predictions([{"task_id": e.id, "completion": ""} for e in examples])["pass@1"] == 0.0
+    assert (
+        task.score_predictions([{"task_id": e.id, "completion": e.target} for e in examples])[
+            "pass@1"
+        ]
+        == 1.0
+    )
+    assert (
+        task.score_predictions([{"task_id": e.id, "completion": ""} for e in examples])["pass@1"]
+        == 0.0
+    )
 
 
 def test_pass_at_k_with_several_samples(humaneval_dir: Path) -> None:
@@ -63,7 +71,9 @@ def test_training_format_is_raw_completion(humaneval_dir: Path, tokenizer) -> No
 
 def test_unknown_task_id(humaneval_dir: Path) -> None:
     with pytest.raises(DataError, match="unknown humaneval task_id"):
-        _task(data_path=str(humaneval_dir)).score_predictions([{"task_id": "Nope/1", "completion": ""}])
+        _task(data_path=str(humaneval_dir)).score_predictions(
+            [{"task_id": "Nope/1", "completion": ""}]
+        )
 
 
 def test_missing_field_names_file_and_line(tmp_path: Path) -> None:
@@ -84,7 +94,7 @@ def test_evaluate_tiny_model(humaneval_dir: Path, tokenizer, tiny_model) -> None
     assert len(task.last_predictions) == 2
 
 
-def _all_164(task) -> None:  # noqa: ANN001
+def _all_164(task) -> None:
     examples = task.test_examples()
     assert len(examples) == 164
     metrics = task.score_predictions([{"task_id": e.id, "completion": e.target} for e in examples])

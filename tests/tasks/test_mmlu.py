@@ -36,7 +36,11 @@ def test_training_format_is_raw_with_a_space_before_the_letter(mmlu_dir: Path, t
 
 def test_default_splits_and_dev_subset(mmlu_dir: Path) -> None:
     task = load_task(TaskConfig(name="mmlu", data_path=str(mmlu_dir)))
-    assert (len(task.train_examples()), len(task.eval_examples()), len(task.test_examples())) == (12, 10, 8)
+    assert (len(task.train_examples()), len(task.eval_examples()), len(task.test_examples())) == (
+        12,
+        10,
+        8,
+    )
     dev = load_task(TaskConfig(name="mmlu", data_path=str(mmlu_dir), subset="dev"))
     train, test = dev.train_examples(), dev.test_examples()
     assert len(train) + len(test) == 12
@@ -69,7 +73,7 @@ def test_bad_answer_letter(mmlu_dir: Path) -> None:
 
 def test_missing_layout(tmp_path: Path) -> None:
     (tmp_path / "test").mkdir()
-    with pytest.raises(DataError, match="no \\*_test.csv files"):
+    with pytest.raises(DataError, match=r"no \*_test.csv files"):
         load_task(TaskConfig(name="mmlu", data_path=str(tmp_path))).test_examples()
 
 

@@ -86,11 +86,7 @@ def test_an_exception_fails_with_its_traceback() -> None:
 def test_timeout_kills_daemonized_children() -> None:
     """A child that escapes into its own session must still die with the sandbox."""
     program = (
-        "import os, time\n"
-        "if os.fork() == 0:\n"
-        "    os.setsid()\n"
-        "    time.sleep(60)\n"
-        "time.sleep(60)\n"
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\ntime.sleep(60)\n"
     )
     result = run_program(program, SandboxLimits(timeout_s=1.0, python_guard=False))
     assert result.status == "timeout"
@@ -105,7 +101,9 @@ os_layer = pytest.mark.skipif(
 @os_layer
 def test_fork_bomb_is_capped_by_the_os_without_the_python_guard() -> None:
     program = "import os\nwhile True:\n    os.fork()\n"
-    result = run_program(program, SandboxLimits(timeout_s=3.0, max_processes=16, python_guard=False))
+    result = run_program(
+        program, SandboxLimits(timeout_s=3.0, max_processes=16, python_guard=False)
+    )
     assert not result.passed
 
 

@@ -29,13 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="strato-peft eval", description="Evaluate a run folder's adapter on a task."
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="run folder (config.yaml, adapter/)")
+    parser.add_argument(
+        "--checkpoint", required=True, type=Path, help="run folder (config.yaml, adapter/)"
+    )
     parser.add_argument("--task", default=None, help="task name (default: the run's task)")
-    parser.add_argument("--subset", default=None, help="task subset (default: the run's, for its task)")
+    parser.add_argument(
+        "--subset", default=None, help="task subset (default: the run's, for its task)"
+    )
     parser.add_argument("--data-path", default=None, help="task data folder")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: training.eval_batch_size or 8")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="default: training.eval_batch_size or 8"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)"
+    )
     parser.add_argument("--no-adapter", action="store_true", help="evaluate the base model only")
     return parser
 
@@ -73,7 +81,9 @@ def evaluate_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     task_cfg = config.task
     if args.task is not None and args.task != task_cfg.name:
         task_cfg = TaskConfig(name=args.task, max_length=task_cfg.max_length)
-    updates = {k: v for k, v in (("subset", args.subset), ("data_path", args.data_path)) if v is not None}
+    updates = {
+        k: v for k, v in (("subset", args.subset), ("data_path", args.data_path)) if v is not None
+    }
     task_cfg = task_cfg.model_copy(update=updates)
     task = load_task(TaskConfig.model_validate(task_cfg.model_dump()))
 
@@ -81,7 +91,7 @@ def evaluate_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, seed=config.seed)
+    model: Any = load_model(config.model, seed=config.seed)
     adapter = run_dir / "adapter"
     use_adapter = not args.no_adapter and adapter.is_dir()
     if use_adapter:
@@ -93,7 +103,9 @@ def evaluate_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     device = _device(args.device)
     model.to(device)
     batch_size = args.batch_size or config.training.eval_batch_size or 8
-    metrics = task.evaluate(model, tokenizer, batch_size=batch_size, limit=args.limit, device=device)
+    metrics = task.evaluate(
+        model, tokenizer, batch_size=batch_size, limit=args.limit, device=device
+    )
     report = {
         "task": task.name,
         "subset": task.cfg.subset,
@@ -119,7 +131,10 @@ def evaluate_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not (args.checkpoint / "config.yaml").is_file():
-        print(f"strato-peft eval: {args.checkpoint / 'config.yaml'} not found (is it a run folder?)", file=sys.stderr)
+        print(
+            f"strato-peft eval: {args.checkpoint / 'config.yaml'} not found (is it a run folder?)",
+            file=sys.stderr,
+        )
         return 1
     from strato_peft.config import ConfigError
     from strato_peft.tasks import DataError

@@ -25,8 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--task", required=True, choices=SCORABLE)
     parser.add_argument("--predictions", required=True, type=Path, help="JSONL file of predictions")
-    parser.add_argument("--data-path", default=None, help="task data folder (else STRATO_DATA_DIR, hub, packaged)")
-    parser.add_argument("--subset", default=None, help="task subset (ids are the same as the full set's)")
+    parser.add_argument(
+        "--data-path", default=None, help="task data folder (else STRATO_DATA_DIR, hub, packaged)"
+    )
+    parser.add_argument(
+        "--subset", default=None, help="task subset (ids are the same as the full set's)"
+    )
     parser.add_argument("--workers", type=int, default=None, help="HumanEval: parallel sandboxes")
     return parser
 

@@ -41,7 +41,9 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
     if not context_ids:
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        prefix = (
+            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        )
         return [prefix], list(whole)
     return list(context_ids), list(whole[len(context_ids) :])
 
@@ -110,9 +112,13 @@ def _stop_criteria(tokenizer: Any, stop: Sequence[str], prompt_width: int) -> An
         """Per row: done once its generated text contains a stop string."""
 
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            tails = tokenizer.batch_decode(input_ids[:, prompt_width:][:, -16:], skip_special_tokens=False)
+            tails = tokenizer.batch_decode(
+                input_ids[:, prompt_width:][:, -16:], skip_special_tokens=False
+            )
             return torch.tensor(
-                [any(s in tail for s in stop) for tail in tails], dtype=torch.bool, device=input_ids.device
+                [any(s in tail for s in stop) for tail in tails],
+                dtype=torch.bool,
+                device=input_ids.device,
             )
 
     return StopOnStrings()
@@ -160,7 +166,8 @@ def generate(
         eos_ids.update(config_eos)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [
-        tokenizer(p, add_special_tokens=False)["input_ids"][-(window - max_new_tokens) :] for p in prompts
+        tokenizer(p, add_special_tokens=False)["input_ids"][-(window - max_new_tokens) :]
+        for p in prompts
     ]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     outputs: list[list[str]] = [[] for _ in prompts]

@@ -37,8 +37,8 @@ def bootstrap_ci(
         return float("nan"), float("nan")
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(iterations))
-    low = means[int(math.floor(alpha / 2 * (iterations - 1)))]
-    high = means[int(math.ceil((1 - alpha / 2) * (iterations - 1)))]
+    low = means[math.floor(alpha / 2 * (iterations - 1))]
+    high = means[math.ceil((1 - alpha / 2) * (iterations - 1))]
     return low, high
 
 

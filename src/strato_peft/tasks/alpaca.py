@@ -65,10 +65,14 @@ def read_json_records(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{line_of(position)}: expected an object, got {type(record).__name__}")
+            raise DataError(
+                f"{path}:{line_of(position)}: expected an object, got {type(record).__name__}"
+            )
         missing = [f for f in FIELDS if f not in record]
         if missing:
-            raise DataError(f"{path}:{line_of(position)}: record {len(records) + 1} misses {', '.join(missing)}")
+            raise DataError(
+                f"{path}:{line_of(position)}: record {len(records) + 1} misses {', '.join(missing)}"
+            )
         records.append(record)
         position = end
 
@@ -78,7 +82,9 @@ class AlpacaTask(Task):
 
     name: ClassVar[str] = "alpaca"
     hub_id: ClassVar[str] = "tatsu-lab/alpaca"
-    subsets: ClassVar[dict[str, str]] = {"10k": f"seeded sample (seed {SUBSET_SEED}) of {SUBSET_SIZE} training records"}
+    subsets: ClassVar[dict[str, str]] = {
+        "10k": f"seeded sample (seed {SUBSET_SEED}) of {SUBSET_SIZE} training records"
+    }
     raw_separator: ClassVar[str] = ""
 
     def _records(self) -> list[dict[str, Any]]:
@@ -108,8 +114,12 @@ class AlpacaTask(Task):
                 continue
             user = instruction if not input_.strip() else f"{instruction}\n\n{input_}"
             examples.append(
-                Example(id=str(index), prompt=user, target=output,
-                        metadata={"instruction": instruction, "input": input_})
+                Example(
+                    id=str(index),
+                    prompt=user,
+                    target=output,
+                    metadata={"instruction": instruction, "input": input_},
+                )
             )
         if split == "train" and self.cfg.subset == "10k":
             ranked = sorted(examples, key=lambda e: stable_fraction(e.id, SUBSET_SEED))
@@ -123,7 +133,9 @@ class AlpacaTask(Task):
             return apply_chat(tokenizer, example.prompt)
         input_ = example.metadata.get("input", "")
         return RAW_TEMPLATE.format(
-            context=", paired with an input that provides further context" if input_.strip() else "",
+            context=", paired with an input that provides further context"
+            if input_.strip()
+            else "",
             instruction=example.metadata.get("instruction", example.prompt),
             input_block=f"### Input:\n{input_}\n\n" if input_.strip() else "",
         )
@@ -149,7 +161,7 @@ class AlpacaTask(Task):
         lengths = [len(encode_pair(tokenizer, p, t)[1]) for p, t in pairs]
         total = -sum(s for s, _ in scores)
         loss = total / max(1, sum(lengths))
-        per_example = [-s / n for (s, _), n in zip(scores, lengths)]
+        per_example = [-s / n for (s, _), n in zip(scores, lengths, strict=True)]
         _, se = mean_stderr(per_example)
         return {
             "loss": loss,
@@ -162,4 +174,6 @@ class AlpacaTask(Task):
         }
 
     def score_predictions(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        raise NotImplementedError("alpaca is scored by held-out loss, which needs a model (use 'eval')")
+        raise NotImplementedError(
+            "alpaca is scored by held-out loss, which needs a model (use 'eval')"
+        )

@@ -71,7 +71,9 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
                 if not isinstance(row, dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                    raise DataError(
+                        f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
+                    )
                 missing = [key for key in required if key not in row]
                 if missing:
                     raise DataError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
@@ -158,7 +160,9 @@ class Task:
     @data_source.setter
     def data_source(self, value: str) -> None:
         if self._data_source and value != self._data_source:
-            log.warning("task %s: data source changed from %s to %s", self.name, self._data_source, value)
+            log.warning(
+                "task %s: data source changed from %s to %s", self.name, self._data_source, value
+            )
         self._data_source = value
 
     # -- data sources ---------------------------------------------------------------
@@ -225,7 +229,9 @@ class Task:
 
     def prompt_text(self, example: Example, tokenizer: Any) -> str:
         """The text a model sees before its answer (chat template applied where used)."""
-        return apply_chat(tokenizer, example.prompt) if self.uses_chat(tokenizer) else example.prompt
+        return (
+            apply_chat(tokenizer, example.prompt) if self.uses_chat(tokenizer) else example.prompt
+        )
 
     def format_for_training(self, example: Example, tokenizer: Any) -> tuple[str, str]:
         """``(prompt text, target text)``; the loss is taken on the target tokens only.
@@ -236,7 +242,9 @@ class Task:
         (the chat template's end of turn) so that the model learns to stop.
         """
         prompt = self.prompt_text(example, tokenizer)
-        target = example.target if self.uses_chat(tokenizer) else self.raw_separator + example.target
+        target = (
+            example.target if self.uses_chat(tokenizer) else self.raw_separator + example.target
+        )
         if self.append_eos and getattr(tokenizer, "eos_token", None):
             target = target + tokenizer.eos_token
         return prompt, target

@@ -124,8 +124,12 @@ class GSM8KTask(Task):
             question, answer = str(row["question"]), str(row["answer"])
             gold = extract_strict(answer)
             if gold is None:
-                raise DataError(f"{self.data_source} {file_split} row {index + 1}: answer has no '#### <number>'")
-            if split != "test" and (stable_fraction(question) < HOLDOUT_FRACTION) != (split == "eval"):
+                raise DataError(
+                    f"{self.data_source} {file_split} row {index + 1}: answer has no '#### <number>'"
+                )
+            if split != "test" and (stable_fraction(question) < HOLDOUT_FRACTION) != (
+                split == "eval"
+            ):
                 continue
             steps = solution_steps(answer)
             if self.cfg.subset == "easy" and steps > EASY_MAX_STEPS:
@@ -139,14 +143,29 @@ class GSM8KTask(Task):
                 )
             )
         if self.cfg.subset == "easy":
-            log.info("gsm8k easy (<= %d steps): %d %s problems qualify", EASY_MAX_STEPS, len(examples), split)
+            log.info(
+                "gsm8k easy (<= %d steps): %d %s problems qualify",
+                EASY_MAX_STEPS,
+                len(examples),
+                split,
+            )
         return examples
 
     # -- scoring --------------------------------------------------------------------
     def score(self, examples: list[Example], completions: list[str]) -> dict[str, Any]:
-        strict = [float(extract_strict(c) == e.metadata["gold"]) for e, c in zip(examples, completions)]
-        flexible = [float(extract_flexible(c) == e.metadata["gold"]) for e, c in zip(examples, completions)]
-        return {**summarize("strict-match", strict), **summarize("flexible-extract", flexible), "n": len(examples)}
+        strict = [
+            float(extract_strict(c) == e.metadata["gold"])
+            for e, c in zip(examples, completions, strict=True)
+        ]
+        flexible = [
+            float(extract_flexible(c) == e.metadata["gold"])
+            for e, c in zip(examples, completions, strict=True)
+        ]
+        return {
+            **summarize("strict-match", strict),
+            **summarize("flexible-extract", flexible),
+            "n": len(examples),
+        }
 
     def score_predictions(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Rows ``{"id": "test/<line index>", "completion": ...}`` against the test split."""
@@ -154,7 +173,9 @@ class GSM8KTask(Task):
         examples, completions = [], []
         for key, values in self.index_predictions(rows, "completion").items():
             if key not in by_id:
-                raise DataError(f"unknown gsm8k id '{key}' (ids are 'test/<0-based line>' of test.jsonl)")
+                raise DataError(
+                    f"unknown gsm8k id '{key}' (ids are 'test/<0-based line>' of test.jsonl)"
+                )
             for value in values:
                 examples.append(by_id[key])
                 completions.append(str(value))
@@ -177,11 +198,17 @@ class GSM8KTask(Task):
         completions = [
             c[0]
             for c in generate(
-                model, tokenizer, prompts, max_new_tokens=self.max_new_tokens, stop=STOP,
-                batch_size=batch_size, device=device,
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=self.max_new_tokens,
+                stop=STOP,
+                batch_size=batch_size,
+                device=device,
             )
         ]
         self.last_predictions = [
-            {"id": e.id, "completion": c, "gold": e.metadata["gold"]} for e, c in zip(examples, completions)
+            {"id": e.id, "completion": c, "gold": e.metadata["gold"]}
+            for e, c in zip(examples, completions, strict=True)
         ]
         return self.score(examples, completions)

@@ -47,7 +47,10 @@ def packaged_copy() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     root = Path(next(iter(spec.submodule_search_locations)))
-    for candidate in (root / "data" / "HumanEval.jsonl.gz", root.parent / "data" / "HumanEval.jsonl.gz"):
+    for candidate in (
+        root / "data" / "HumanEval.jsonl.gz",
+        root.parent / "data" / "HumanEval.jsonl.gz",
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -132,7 +135,7 @@ class HumanEvalTask(Task):
         pairs = [(by_id[key], c) for key, completions in samples.items() for c in completions]
         passed = self.execute(pairs)
         outcome: dict[str, list[bool]] = {}
-        for (example, _), ok in zip(pairs, passed):
+        for (example, _), ok in zip(pairs, passed, strict=True):
             outcome.setdefault(example.id, []).append(ok)
         smallest = min((len(v) for v in outcome.values()), default=0)
         metrics: dict[str, Any] = {}
@@ -142,7 +145,8 @@ class HumanEvalTask(Task):
                 metrics.update(summarize(f"pass@{k}", per_problem))
         metrics.update(n=len(outcome), samples=len(pairs))
         self.last_predictions = [
-            {"task_id": e.id, "completion": c, "passed": ok} for (e, c), ok in zip(pairs, passed)
+            {"task_id": e.id, "completion": c, "passed": ok}
+            for (e, c), ok in zip(pairs, passed, strict=True)
         ]
         return metrics
 
@@ -179,5 +183,7 @@ class HumanEvalTask(Task):
             num_samples=self.num_samples,
             temperature=0.0 if self.num_samples == 1 else self.temperature,
         )
-        return self.score({e.id: c for e, c in zip(examples, completions)}, {e.id: e for e in examples})
-
+        return self.score(
+            {e.id: c for e, c in zip(examples, completions, strict=True)},
+            {e.id: e for e in examples},
+        )

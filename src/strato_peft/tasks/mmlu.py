@@ -40,7 +40,9 @@ def describe(subject: str) -> str:
 
 
 def question_text(question: str, choices: list[str]) -> str:
-    options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+    options = "".join(
+        f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, choices, strict=True)
+    )
     return f"{question.strip()}{options}\nAnswer:"
 
 
@@ -86,14 +88,18 @@ class MMLUTask(Task):
             folder = Path(root) / FOLDERS[split]
             files = sorted(folder.glob(f"*_{split}.csv"))
             if not files:
-                raise DataError(f"{folder}: no *_{split}.csv files (expected the original MMLU layout)")
+                raise DataError(
+                    f"{folder}: no *_{split}.csv files (expected the original MMLU layout)"
+                )
             for path in files:
                 subject = path.name[: -len(f"_{split}.csv")]
                 for line, fields in read_csv_rows(path, columns=6):
                     answer = fields[5].strip()
                     if answer not in LETTERS:
                         raise DataError(f"{path}:{line}: answer must be one of A-D, got {answer!r}")
-                    examples.append(self._example(next_id(subject), subject, fields[0], fields[1:5], answer))
+                    examples.append(
+                        self._example(next_id(subject), subject, fields[0], fields[1:5], answer)
+                    )
             return examples
         reason = hub_unavailable_reason()
         if reason is not None:
@@ -103,7 +109,9 @@ class MMLUTask(Task):
             answer = LETTERS[int(row["answer"])]
             subject = str(row["subject"])
             examples.append(
-                self._example(next_id(subject), subject, row["question"], list(row["choices"]), answer)
+                self._example(
+                    next_id(subject), subject, row["question"], list(row["choices"]), answer
+                )
             )
         return examples
 
@@ -113,7 +121,11 @@ class MMLUTask(Task):
             id=id_,
             prompt=describe(subject) + question_text(question, choices),
             target=answer,
-            metadata={"subject": subject, "question": question_text(question, choices), "answer": answer},
+            metadata={
+                "subject": subject,
+                "question": question_text(question, choices),
+                "answer": answer,
+            },
         )
 
     def load_split(self, split: str) -> list[Example]:
@@ -121,22 +133,28 @@ class MMLUTask(Task):
             if split == "eval":
                 return self.raw_split("dev")
             keep_half = 0 if split == "train" else 1
-            return [e for e in self.raw_split("val") if int(stable_fraction(e.prompt) >= 0.5) == keep_half]
+            return [
+                e
+                for e in self.raw_split("val")
+                if int(stable_fraction(e.prompt) >= 0.5) == keep_half
+            ]
         return self.raw_split({"train": "val", "eval": "dev", "test": "test"}[split])
 
     def fewshot_context(self, example: Example) -> str:
         """Description, the first ``k`` dev exemplars of the subject, then the question."""
         subject = example.metadata["subject"]
-        shots = [e for e in self.raw_split("dev") if e.metadata["subject"] == subject][: self.num_fewshot]
+        shots = [e for e in self.raw_split("dev") if e.metadata["subject"] == subject][
+            : self.num_fewshot
+        ]
         blocks = [f"{e.metadata['question']} {e.metadata['answer']}" for e in shots]
         return describe(subject) + "\n\n".join([*blocks, example.metadata["question"]])
 
     # -- scoring --------------------------------------------------------------------
     def score(self, examples: list[Example], choices: list[str]) -> dict[str, Any]:
-        correct = [float(c == e.target) for e, c in zip(examples, choices)]
+        correct = [float(c == e.target) for e, c in zip(examples, choices, strict=True)]
         metrics = {**summarize("acc", correct), "n": len(examples)}
         per_subject: dict[str, list[float]] = defaultdict(list)
-        for example, value in zip(examples, correct):
+        for example, value in zip(examples, correct, strict=True):
             per_subject[example.metadata["subject"]].append(value)
         metrics["acc_per_subject"] = {s: sum(v) / len(v) for s, v in sorted(per_subject.items())}
         return metrics
@@ -149,7 +167,11 @@ class MMLUTask(Task):
             if key not in by_id:
                 raise DataError(f"unknown mmlu id '{key}'")
             for value in values:
-                letter = LETTERS[value] if isinstance(value, int) and 0 <= value < 4 else str(value).strip()
+                letter = (
+                    LETTERS[value]
+                    if isinstance(value, int) and 0 <= value < 4
+                    else str(value).strip()
+                )
                 if letter not in LETTERS:
                     raise DataError(f"mmlu id '{key}': choice must be A-D or 0-3, got {value!r}")
                 examples.append(by_id[key])
@@ -173,8 +195,11 @@ class MMLUTask(Task):
         requests = [(self.fewshot_context(e), f" {letter}") for e in examples for letter in LETTERS]
         scores = loglikelihood(model, tokenizer, requests, batch_size=batch_size, device=device)
         choices = []
-        for i, example in enumerate(examples):
+        for i, _example in enumerate(examples):
             row = [scores[4 * i + j][0] for j in range(4)]
             choices.append(LETTERS[row.index(max(row))])
-        self.last_predictions = [{"id": e.id, "choice": c, "gold": e.target} for e, c in zip(examples, choices)]
+        self.last_predictions = [
+            {"id": e.id, "choice": c, "gold": e.target}
+            for e, c in zip(examples, choices, strict=True)
+        ]
         return self.score(examples, choices)

@@ -35,6 +35,7 @@ untrusted models in a container or VM as well.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -77,7 +78,7 @@ class SandboxResult:
     duration_s: float
 
 
-WRAPPER = r'''
+WRAPPER = r"""
 import os, sys
 nonce_fd, result_fd, cgroup = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 memory, cpu, nproc, fsize, guard = (int(x) for x in sys.argv[4:9])
@@ -157,7 +158,7 @@ try:
     os.write(result_fd, token)
 finally:
     os._exit(0)
-'''
+"""
 
 
 @functools.lru_cache(maxsize=1)
@@ -193,10 +194,8 @@ def _make_pids_cgroup(max_processes: int) -> Path | None:
             (group / "pids.max").write_text(str(max_processes))
             return group
         except OSError:
-            try:
+            with contextlib.suppress(OSError):
                 group.rmdir()
-            except OSError:
-                pass
     return None
 
 
@@ -224,14 +223,10 @@ def _read_tail(path: Path, limit: int) -> str:
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         process.kill()
-    except ProcessLookupError:
-        pass
     process.wait()
 
 
