@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from strato_peft.cli import main  # noqa: E402
+from strato_peft.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

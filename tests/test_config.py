@@ -74,7 +74,9 @@ def test_overrides_are_yaml_and_last_wins(tree: Path) -> None:
 
 
 def test_override_can_replace_a_whole_section(tree: Path) -> None:
-    cfg = load_config(tree / "experiments" / "exp.yaml", ["peft.strato.budget={params: 0.5, flops: 0.8}"])
+    cfg = load_config(
+        tree / "experiments" / "exp.yaml", ["peft.strato.budget={params: 0.5, flops: 0.8}"]
+    )
     assert cfg.peft.strato.budget.params == 0.5
     assert cfg.peft.strato.budget.flops == 0.8
 
@@ -120,7 +122,10 @@ def test_unknown_key_in_a_part_names_the_part(tree: Path) -> None:
 
 
 def test_unknown_key_from_override_names_override(tree: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^--override: unknown key 'training.batchsize'; did you mean 'training.batch_size'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^--override: unknown key 'training.batchsize'; did you mean 'training.batch_size'",
+    ):
         load_config(tree / "experiments" / "exp.yaml", ["training.batchsize=2"])
 
 

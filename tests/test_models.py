@@ -14,9 +14,9 @@ from strato_peft.models import (
     build_tiny_model,
     load_hf_config,
     load_model,
+    loading,
     resolve_source,
 )
-from strato_peft.models import loading
 
 TINY = ArchitectureConfig(
     hidden_size=32,
@@ -29,7 +29,11 @@ TINY = ArchitectureConfig(
 
 
 def test_tiny_model_is_deterministic_per_seed() -> None:
-    a, b, c = build_tiny_model(TINY, seed=1), build_tiny_model(TINY, seed=1), build_tiny_model(TINY, seed=2)
+    a, b, c = (
+        build_tiny_model(TINY, seed=1),
+        build_tiny_model(TINY, seed=1),
+        build_tiny_model(TINY, seed=2),
+    )
     x = torch.randint(0, 128, (1, 8))
     assert torch.equal(a(x).logits, b(x).logits)
     assert not torch.equal(a(x).logits, c(x).logits)
@@ -97,7 +101,12 @@ def test_hub_offline_names_the_offline_options(monkeypatch: pytest.MonkeyPatch) 
             call(cfg)
         msg = str(err.value)
         assert "HF_HUB_OFFLINE is set" in msg
-        for option in ("model.path=/a/local/folder", "model.source=packaged", "model.source=tiny", "--dry-run"):
+        for option in (
+            "model.path=/a/local/folder",
+            "model.source=packaged",
+            "model.source=tiny",
+            "--dry-run",
+        ):
             assert option in msg
 
 

@@ -93,7 +93,11 @@ def _dispatch(name: str, argv: list[str]) -> int:
 
 
 def _usage() -> str:
-    lines = ["usage: strato-peft [run] --config FILE [options]", "       strato-peft COMMAND ...", ""]
+    lines = [
+        "usage: strato-peft [run] --config FILE [options]",
+        "       strato-peft COMMAND ...",
+        "",
+    ]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "'strato-peft COMMAND --help' for a command's options."]
     return "\n".join(lines)

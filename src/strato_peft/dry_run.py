@@ -124,7 +124,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"total params     {report['total_params']:,} (base model)",
         f"trainable params {report['trainable_params']:,} ({report['trainable_percent']:.4f}% of base)",
         f"adapted modules  {report['adapted_modules']}",
-        "ranks            " + "; ".join(
+        "ranks            "
+        + "; ".join(
             f"{g['module']} r={g['rank']} layers {_layer_span(g['layers'])}"
             for g in report["rank_summary"]
         ),

@@ -106,9 +106,13 @@ def choose_precision(name: PlatformName, info: DeviceInfoConfig) -> tuple[DtypeN
         return "fp32", "device_info.mixed_precision is false"
     if info.precision != "auto":
         if info.precision == "bf16" and name in ("cuda", "rocm") and not _bf16_supported(name):
-            raise PlatformError(f"device_info.precision=bf16 but this {name} device has no bf16 support")
+            raise PlatformError(
+                f"device_info.precision=bf16 but this {name} device has no bf16 support"
+            )
         if info.precision in ("bf16", "fp16") and name == "mps":
-            raise PlatformError("device_info.precision: mixed precision is not supported on mps; use fp32")
+            raise PlatformError(
+                "device_info.precision: mixed precision is not supported on mps; use fp32"
+            )
         return info.precision, "set by device_info.precision"
     if name in ("cuda", "rocm"):
         if _bf16_supported(name):
@@ -126,7 +130,7 @@ def select_platform(info: DeviceInfoConfig, override: str | None = None) -> Plat
     if requested == "auto":
         name = available[0]
     elif requested in available:
-        name = requested  # type: ignore[assignment]
+        name = requested
     else:
         raise PlatformError(
             f"platform '{requested}' was requested (--platform or device_info.device_type) but is "

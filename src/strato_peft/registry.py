@@ -35,7 +35,9 @@ def check_name(kind: str, name: str, registry: dict[str, str]) -> str:
     """Return ``name`` if registered, else raise ``ValueError`` listing the known names."""
     if name not in registry:
         known = ", ".join(sorted(registry))
-        raise ValueError(f"unknown {kind} '{name}' (known: {known}){did_you_mean(name, tuple(registry))}")
+        raise ValueError(
+            f"unknown {kind} '{name}' (known: {known}){did_you_mean(name, tuple(registry))}"
+        )
     return name
 
 

@@ -89,12 +89,13 @@ def _git_commit() -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
 
 
 def environment_info(seed: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Package versions, git commit, hardware, seed and command line of this process."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in TRACKED_PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -105,7 +106,7 @@ def environment_info(seed: int, extra: dict[str, Any] | None = None) -> dict[str
         "command": sys.argv,
         "python": sys.version.split()[0],
         "packages": versions,
-        "git_commit": _git_commit(),
+        "git_commit": _git_commit() or os.environ.get("STRATO_PEFT_GIT_COMMIT"),
         "hardware": {
             "machine": stdlib_platform.machine(),
             "processor": stdlib_platform.processor(),

@@ -82,6 +82,10 @@ def _merge(
             _merge({}, value, sources, origin, f"{dotted}.")
 
 
+def _lookup(part_sources: dict[str, str]) -> Origin:
+    return lambda key: part_sources.get(key, "")
+
+
 def _compose(path: Path, sources: dict[str, str], stack: tuple[Path, ...]) -> dict[str, Any]:
     """Merge a file's ``defaults`` parts, then its own keys; fill ``sources``."""
     path = path.resolve()
@@ -96,7 +100,7 @@ def _compose(path: Path, sources: dict[str, str], stack: tuple[Path, ...]) -> di
     for entry in parts:
         part_sources: dict[str, str] = {}
         part = _compose(_find_part(entry, path), part_sources, (*stack, path))
-        _merge(merged, part, sources, lambda k, ps=part_sources: ps.get(k, ""))
+        _merge(merged, part, sources, _lookup(part_sources))
     _merge(merged, data, sources, lambda _k: str(path))
     return merged
 
@@ -127,7 +131,11 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str], sources: dict[st
             node = child
         prefix = ".".join(path[:-1])
         _merge(
-            node, {path[-1]: value}, sources, lambda _k: OVERRIDE_SOURCE, f"{prefix}." if prefix else ""
+            node,
+            {path[-1]: value},
+            sources,
+            lambda _k: OVERRIDE_SOURCE,
+            f"{prefix}." if prefix else "",
         )
 
 

@@ -262,4 +262,3 @@ class ExperimentConfig(Section):
     device_info: DeviceInfoConfig = Field(default_factory=DeviceInfoConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
-

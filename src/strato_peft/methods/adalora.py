@@ -63,7 +63,16 @@ class AdaLoraMethod(Method):
             **kwargs,
         )
 
+    def build(self, model: PreTrainedModel) -> PeftModel:
+        peft_model = super().build(model)
+        # peft creates the ``ranknum`` buffer-like parameter with requires_grad=False, but
+        # on the meta device (dry run) it comes out trainable; make both agree.
+        for name, param in peft_model.named_parameters():
+            if ".ranknum." in name:
+                param.requires_grad_(False)
+        return peft_model
+
     def on_optimizer_step(self, model: PeftModel, step: int) -> None:
         # peft's contract: after optimizer.step(), before zero_grad(); the gradients are
         # still there and feed the sensitivity estimate.
-        model.base_model.update_and_allocate(step)
+        model.base_model.update_and_allocate(step)  # type: ignore[operator]

@@ -84,12 +84,17 @@ class Method:
                     f"{n_layers} layers: 0..{n_layers - 1})"
                 )
         targeted = self.targeted_modules(model)
-        for field, pattern in (("rank_pattern", s.rank_pattern), ("alpha_pattern", s.alpha_pattern)):
+        for field, pattern in (
+            ("rank_pattern", s.rank_pattern),
+            ("alpha_pattern", s.alpha_pattern),
+        ):
             for key in pattern:
                 try:
                     regex = re.compile(rf"(.*\.)?({key})$")
                 except re.error as exc:
-                    raise MethodError(f"peft.{field}: key '{key}' is not a valid regex ({exc})") from None
+                    raise MethodError(
+                        f"peft.{field}: key '{key}' is not a valid regex ({exc})"
+                    ) from None
                 if not any(regex.match(name) for name in targeted):
                     example = targeted[0] if targeted else "model.layers.0.self_attn.q_proj"
                     raise MethodError(

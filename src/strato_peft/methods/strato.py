@@ -27,7 +27,9 @@ class StratoMethod(Method):
 
         ref = self.settings.strato.reference
         kwargs = self.lora_kwargs()
-        kwargs.update(r=ref.rank, target_modules=list(ref.target_modules), rank_pattern={}, alpha_pattern={})
+        kwargs.update(
+            r=ref.rank, target_modules=list(ref.target_modules), rank_pattern={}, alpha_pattern={}
+        )
         return LoraConfig(**kwargs)
 
     def peft_config(self, model: PreTrainedModel) -> LoraConfig:

@@ -58,6 +58,13 @@ class ResolvedSource:
     location: str | None = None
     gguf_file: str | None = None
 
+    @property
+    def where(self) -> str:
+        """``location``, for the kinds that have one (hub, local, gguf)."""
+        if self.location is None:
+            raise ModelLoadError(f"model source '{self.kind}' has no path")
+        return self.location
+
 
 def cache_root(cfg: ModelConfig) -> Path:
     """Folder of converted models: ``model.cache_dir``, ``$STRATO_CACHE_DIR`` or ``~/.cache``."""
@@ -140,7 +147,7 @@ def architecture_to_hf(arch: ArchitectureConfig) -> PretrainedConfig:
         tie_word_embeddings=arch.tie_word_embeddings,
         max_position_embeddings=arch.max_position_embeddings,
         rms_norm_eps=arch.rms_norm_eps,
-        rope_theta=arch.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta},
         head_dim=arch.head_dim,
     )
 
@@ -148,7 +155,9 @@ def architecture_to_hf(arch: ArchitectureConfig) -> PretrainedConfig:
 def _hub_error(cfg: ModelConfig, exc: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     why = "HF_HUB_OFFLINE is set" if offline else f"hub not reachable ({type(exc).__name__})"
-    return ModelLoadError(f"could not load '{cfg.path}' from the Hugging Face hub: {why}; {OFFLINE_OPTIONS}")
+    return ModelLoadError(
+        f"could not load '{cfg.path}' from the Hugging Face hub: {why}; {OFFLINE_OPTIONS}"
+    )
 
 
 def load_hf_config(cfg: ModelConfig) -> PretrainedConfig:
@@ -173,11 +182,13 @@ def load_hf_config(cfg: ModelConfig) -> PretrainedConfig:
     if cfg.revision:
         kwargs["revision"] = cfg.revision
     try:
-        return AutoConfig.from_pretrained(source.location, **kwargs)
+        return AutoConfig.from_pretrained(source.where, **kwargs)
     except OSError as exc:
         if source.kind == "hub":
             raise _hub_error(cfg, exc) from None
-        raise ModelLoadError(f"could not read the model config at {source.location}: {exc}") from None
+        raise ModelLoadError(
+            f"could not read the model config at {source.location}: {exc}"
+        ) from None
 
 
 def build_meta_model(cfg: ModelConfig) -> PreTrainedModel:
@@ -241,7 +252,7 @@ def _convert_packaged(target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained; its weights are plain fp32 tensors
     # after dequantisation, so dropping the quantizer marker is safe.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +299,7 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> PreTrainedModel:
         kwargs["revision"] = cfg.revision
     try:
         return AutoModelForCausalLM.from_pretrained(
-            source.location, trust_remote_code=cfg.trust_remote_code, **kwargs
+            source.where, trust_remote_code=cfg.trust_remote_code, **kwargs
         )
     except OSError as exc:
         if source.kind == "hub":
@@ -314,11 +325,13 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         if source.gguf_file:
             kwargs["gguf_file"] = source.gguf_file
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source.where, **kwargs)
         except OSError as exc:
             if source.kind == "hub":
                 raise _hub_error(cfg, exc) from None
-            raise ModelLoadError(f"could not load the tokenizer at {source.location}: {exc}") from None
+            raise ModelLoadError(
+                f"could not load the tokenizer at {source.location}: {exc}"
+            ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
