@@ -441,7 +441,7 @@ def test_activation_memory_equals_saved_tensors(
         batch * seq * (arch.vocab_size * 4 + 8)
     )  # saved by the loss, part of "logits"
     measured = saved_activation_bytes(model, batch, seq, arch.vocab_size) - log_softmax_and_labels
-    assert estimate == pytest.approx(measured, rel=0.03)
+    assert estimate == pytest.approx(measured, rel=0.015)  # LoRA: exact; DoRA: -1% (per-call vectors)
 
 
 def test_activation_memory_scales_with_tokens_and_adapted_depth() -> None:
