@@ -248,6 +248,10 @@ def test_adalora_reports_allocated_and_effective_ranks() -> None:
     )
     assert report.effective_trainable_params == costs.trainable_params(arch, effective, "adalora")
     assert report.effective_trainable_params < report.trainable_params
+    assert (report.rank_total, report.effective_rank_total) == (
+        6 * len(effective),
+        2 * len(effective),
+    )
 
 
 def test_bad_allocations_fail_clearly() -> None:
@@ -441,7 +445,9 @@ def test_activation_memory_equals_saved_tensors(
         batch * seq * (arch.vocab_size * 4 + 8)
     )  # saved by the loss, part of "logits"
     measured = saved_activation_bytes(model, batch, seq, arch.vocab_size) - log_softmax_and_labels
-    assert estimate == pytest.approx(measured, rel=0.015)  # LoRA: exact; DoRA: -1% (per-call vectors)
+    assert estimate == pytest.approx(
+        measured, rel=0.015
+    )  # LoRA: exact; DoRA: -1% (per-call vectors)
 
 
 def test_activation_memory_scales_with_tokens_and_adapted_depth() -> None:

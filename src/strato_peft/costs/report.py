@@ -60,6 +60,10 @@ class CostReport:
     flops: FlopCount
     memory: MemoryEstimate
     effective_trainable_params: int | None = None
+    rank_total: int = 0
+    """Sum of the allocated ranks over adapted modules."""
+    effective_rank_total: int | None = None
+    """AdaLoRA: sum of the ranks its masks keep (``None`` for other methods)."""
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,6 +101,8 @@ class CostReport:
             "grad_accum_steps": self.grad_accum_steps,
             "trainable_params": self.trainable_params,
             "effective_trainable_params": self.effective_trainable_params,
+            "rank_total": self.rank_total,
+            "effective_rank_total": self.effective_rank_total,
             "adapted_modules": self.adapted_modules,
             "lowest_adapted_layer": self.lowest_adapted_layer,
             "forward_flops_per_token": self.forward_flops_per_token,
@@ -213,6 +219,10 @@ def estimate_costs(
         flops=flops,
         memory=memory,
         effective_trainable_params=effective,
+        rank_total=sum(rank for _, rank in resolve_allocation(arch, allocation)),
+        effective_rank_total=(
+            None if effective_ranks is None else sum(int(r) for r in effective_ranks.values())
+        ),
         settings=settings,
     )
 
