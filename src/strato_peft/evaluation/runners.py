@@ -84,17 +84,18 @@ def loglikelihood(
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 width = len(chunk[0])
+                keep = max(len(encoded[i][1]) for key in chunk for i in inputs[key])
                 ids = torch.full((len(chunk), width), pad, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)
                 for row, key in enumerate(chunk):
-                    ids[row, : len(key)] = torch.tensor(key, dtype=torch.long)
-                    mask[row, : len(key)] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                    ids[row, width - len(key) :] = torch.tensor(key, dtype=torch.long)
+                    mask[row, width - len(key) :] = 1
+                logits = _last_logits(model, ids.to(device), mask.to(device), keep)
                 logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
                 for row, key in enumerate(chunk):
                     for index in inputs[key]:
                         continuation = encoded[index][1]
-                        span = logprobs[row, len(key) - len(continuation) : len(key)]
+                        span = logprobs[row, keep - len(continuation) :]
                         target = torch.tensor(continuation, dtype=torch.long)
                         total = float(span.gather(1, target[:, None]).sum())
                         greedy = bool((span.argmax(-1) == target).all())
@@ -102,6 +103,21 @@ def loglikelihood(
     finally:
         model.train(was_training)
     return results
+
+
+def _last_logits(model: Any, ids: Any, mask: Any, keep: int) -> Any:
+    """Logits of the last ``keep`` positions of a left-padded batch.
+
+    Position ids are counted from each row's first real token, so padding does not
+    shift them; ``logits_to_keep`` spares the ``batch x length x vocabulary`` logits
+    (gigabytes for 5-shot MMLU) where the model supports it.
+    """
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    try:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
+    except TypeError:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions)
+    return out.logits[:, -keep:]
 
 
 def _stop_criteria(tokenizer: Any, stop: Sequence[str], prompt_width: int) -> Any:

@@ -22,8 +22,6 @@ from strato_peft.tasks.base import (
     Example,
     Task,
     apply_chat,
-    hub_unavailable_reason,
-    load_hub_split,
     read_jsonl,
     stable_fraction,
 )
@@ -99,11 +97,10 @@ class AlpacaTask(Task):
                 path = (preferred or candidates)[0]
             self.data_source = label
             return read_json_records(path)
-        reason = hub_unavailable_reason()
-        if reason is not None:
-            raise self.no_source_error(reason)
-        self.data_source = f"hub:{self.hub_id}"
-        return load_hub_split(self.hub_id, None, "train")
+        hub_rows = self.try_hub(None, "train")
+        if hub_rows is None:
+            raise self.no_source_error()
+        return hub_rows
 
     def load_split(self, split: str) -> list[Example]:
         examples = []

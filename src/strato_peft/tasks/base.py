@@ -147,6 +147,7 @@ class Task:
             )
         self.cfg = cfg
         self._data_source = ""
+        self._hub_reason = "not tried"
         self._cache: dict[str, list[Example]] = {}
 
     @property
@@ -191,7 +192,22 @@ class Task:
             f"{DATA_DIR_ENV} to a data root holding '{self.name}/'"
         )
 
-    def no_source_error(self, hub_reason: str) -> DataError:
+    def try_hub(self, config: str | None, split: str) -> list[dict[str, Any]] | None:
+        """Rows of ``split`` from :attr:`hub_id`, or ``None`` (the reason kept for the error)."""
+        reason = hub_unavailable_reason()
+        if reason is None:
+            try:
+                rows = load_hub_split(self.hub_id, config, split)
+            except Exception as exc:  # any hub/network failure falls through to the next source
+                reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+            else:
+                self.data_source = f"hub:{self.hub_id}"
+                return rows
+        self._hub_reason = reason
+        return None
+
+    def no_source_error(self, hub_reason: str | None = None) -> DataError:
+        hub_reason = hub_reason or self._hub_reason
         return DataError(
             f"no data for task '{self.name}': hub '{self.hub_id}' unavailable ({hub_reason}); "
             f"{self.offline_hint()}"

