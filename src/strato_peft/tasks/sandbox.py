@@ -199,6 +199,16 @@ def _make_pids_cgroup(max_processes: int) -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def process_cap_enforced() -> bool:
+    """Whether the kernel caps the sandbox's processes (RLIMIT_NPROC as non-root, or a pids cgroup)."""
+    if os.geteuid() != 0:
+        return True
+    group = _make_pids_cgroup(1)
+    _remove_cgroup(group)
+    return group is not None
+
+
 def _remove_cgroup(group: Path | None) -> None:
     if group is None:
         return
