@@ -96,6 +96,11 @@ def dry_run_report(config: ExperimentConfig, platform_note: str | None = None) -
         report["budget"] = {"params": budget.params, "flops": budget.flops}
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     ranks = module_ranks(peft_model)
+    report["costs"] = cost_estimate(config, peft_model)
+    for key in ("forward_flops_per_token", "train_flops_per_token", "train_flops_per_step"):
+        report[key] = report["costs"][key]
+    report["adapter_flops_share"] = report["costs"]["adapter_flops_share"]
+    report["memory_bytes"] = report["costs"]["memory_bytes"]
     report.update(
         total_params=total,
         trainable_params=trainable,
@@ -106,6 +111,40 @@ def dry_run_report(config: ExperimentConfig, platform_note: str | None = None) -
         rank_summary=summarise_ranks(ranks),
     )
     return report
+
+
+WEIGHT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def cost_estimate(config: ExperimentConfig, peft_model: PeftModel) -> dict[str, Any]:
+    """The cost model's figures for one optimizer step of this config (see ``costs``)."""
+    from strato_peft import costs
+
+    t = config.training
+    weight_dtype = WEIGHT_DTYPES.get(config.model.torch_dtype, "fp32")
+    mixed = config.device_info.mixed_precision and config.device_info.precision != "fp32"
+    activation_dtype = (
+        config.device_info.precision if config.device_info.precision in ("bf16", "fp16") else None
+    )
+    report, _ = costs.estimate_costs_for_peft_model(
+        peft_model,
+        batch_size=t.batch_size,
+        seq_len=config.task.max_length,
+        grad_accum_steps=t.gradient_accumulation_steps,
+        weight_dtype=weight_dtype,
+        activation_dtype=activation_dtype if mixed else None,
+        gradient_checkpointing=t.gradient_checkpointing,
+    )
+    data: dict[str, Any] = report.to_dict()
+    data["assumptions"] = (
+        f"batch {t.batch_size} x {config.task.max_length} tokens (task.max_length), "
+        f"{t.gradient_accumulation_steps} micro-batches a step, weights {weight_dtype}, AdamW"
+    )
+    return data
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -124,6 +163,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"total params     {report['total_params']:,} (base model)",
         f"trainable params {report['trainable_params']:,} ({report['trainable_percent']:.4f}% of base)",
         f"adapted modules  {report['adapted_modules']}",
+        f"train FLOPs      {report['train_flops_per_token'] / 1e9:.3f} GFLOP/token, "
+        f"{report['train_flops_per_step'] / 1e12:.2f} TFLOP/optimizer step "
+        f"(adapter share {100 * report['adapter_flops_share']:.2f}%; forward "
+        f"{report['forward_flops_per_token'] / 1e9:.3f} GFLOP/token)",
+        f"memory estimate  {_gib(report['memory_bytes'])}: "
+        + ", ".join(f"{k} {_gib(v)}" for k, v in report["costs"]["memory_breakdown"].items()),
+        f"                 ({report['costs']['assumptions']})",
         "ranks            "
         + "; ".join(
             f"{g['module']} r={g['rank']} layers {_layer_span(g['layers'])}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -53,12 +54,13 @@ def main(argv: list[str]) -> int:
     from strato_peft.methods import MethodError
     from strato_peft.models import ModelLoadError
     from strato_peft.platform import PlatformError
+    from strato_peft.tasks.base import DataError
 
     try:
         if args.dry_run:
             return _dry_run(config, as_json=args.json)
         return _train(config, args)
-    except (ModelLoadError, MethodError, PlatformError) as exc:
+    except (ModelLoadError, MethodError, PlatformError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
@@ -74,13 +76,13 @@ def _dry_run(config: ExperimentConfig, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _train(config: ExperimentConfig, args: object) -> int:
-    from strato_peft.platform import select_platform
+def _train(config: ExperimentConfig, args: argparse.Namespace) -> int:
+    from strato_peft.training.run import RunOptions, run_experiment
 
-    select_platform(config.device_info)
-    print(
-        "error: training arrives with the training-loop issue (#3); this build validates "
-        "configs and reports costs: add --dry-run",
-        file=sys.stderr,
+    folder = run_experiment(
+        config,
+        RunOptions(fast_dev_run=args.fast_dev_run, resume=args.resume, profile=args.profile),
     )
-    return EXIT_ERROR
+    if int(os.environ.get("RANK", "0")) == 0:  # one line, also under accelerate launch
+        print(folder)
+    return EXIT_OK

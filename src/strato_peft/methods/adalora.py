@@ -9,7 +9,7 @@ peft requires ``update_and_allocate(step)`` after every optimizer step: that is 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from strato_peft.methods.base import Method, MethodError
 
@@ -71,6 +71,26 @@ class AdaLoraMethod(Method):
             if ".ranknum." in name:
                 param.requires_grad_(False)
         return peft_model
+
+    def regularization(self, model: PeftModel) -> Any:
+        """Orthogonality penalty ``w * mean ||P^T P - I||_F`` over AdaLoRA's P and Q.
+
+        peft adds it inside ``forward`` only when the model computes its own loss from
+        ``labels``; our loop computes the answer-token loss itself, so it adds the same
+        term here (the formula of ``peft.tuners.adalora.AdaLoraModel.forward``).
+        """
+        import torch
+
+        weight = self.settings.adalora.orth_reg_weight
+        if weight == 0:
+            return None
+        terms = []
+        for name, param in model.named_parameters():
+            if ("lora_A" in name or "lora_B" in name) and param.requires_grad:
+                cov = param @ param.T if "lora_A" in name else param.T @ param
+                eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
+                terms.append(torch.linalg.norm(cov - eye, ord="fro"))
+        return weight * torch.stack(terms).mean() if terms else None
 
     def on_optimizer_step(self, model: PeftModel, step: int) -> None:
         # peft's contract: after optimizer.step(), before zero_grad(); the gradients are

@@ -53,6 +53,10 @@ class Method:
     def on_optimizer_step(self, model: PeftModel, step: int) -> None:
         """Called by the training loop after every optimizer step (``step`` counts from 1)."""
 
+    def regularization(self, model: PeftModel) -> Any:
+        """An extra loss term added once per optimizer step (``None``: nothing to add)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Method state to checkpoint (none by default)."""
         return {}

@@ -1,0 +1,312 @@
+"""The training loop: setup, train, evaluate, save, cleanup, for every method alike.
+
+Built on ``accelerate`` (one process, or DDP under ``accelerate launch``). The loss is
+the sum of next-token cross-entropy over answer tokens divided by the number of answer
+tokens in the whole optimizer step (all micro-batches, all processes), so a run with
+one process and batch 2B gets the same gradients as two processes with batch B.
+Methods act during training only through :meth:`Method.on_optimizer_step` and
+:meth:`Method.regularization`; the loop never asks which method it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from strato_peft.config.schema import ExperimentConfig
+from strato_peft.training.checkpoint import (
+    TrainingState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from strato_peft.training.data import Collator, EncodedDataset, encode_examples, token_loss_sum
+from strato_peft.training.tracking import EpochProfiler, Trackers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How many optimizer steps the run takes, derived from the data and the config."""
+
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def make_plan(n_examples: int, config: ExperimentConfig, world_size: int = 1) -> TrainingPlan:
+    """Optimizer steps: ``max_steps`` if set, else ``num_epochs`` x steps per epoch."""
+    t = config.training
+    micro = math.ceil(n_examples / (t.batch_size * world_size))
+    per_epoch = math.ceil(micro / t.gradient_accumulation_steps)
+    total = t.max_steps or math.ceil(t.num_epochs * per_epoch)
+    return TrainingPlan(micro, per_epoch, total, int(t.warmup_ratio * total))
+
+
+def _windows(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Group micro-batches into optimizer steps (the last window of an epoch may be short)."""
+    window: list[dict[str, torch.Tensor]] = []
+    for batch in loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated accelerator memory, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class Trainer:
+    """Trains a prepared PEFT model on encoded examples; see the module docstring."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        *,
+        accelerator: Any,
+        model: Any,
+        method: Any,
+        task: Any,
+        tokenizer: Any,
+        folder: Path,
+        profile_dir: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.accelerator = accelerator
+        self.method = method
+        self.task = task
+        self.tokenizer = tokenizer
+        self.folder = folder
+        t = config.training
+        train = encode_examples(task, task.train_examples(), tokenizer, config.task.max_length)
+        held_out = encode_examples(task, task.eval_examples(), tokenizer, config.task.max_length)
+        self.plan = make_plan(len(train), config, accelerator.num_processes)
+        collate = Collator(tokenizer.pad_token_id)
+        generator = torch.Generator().manual_seed(config.seed)
+        train_loader = torch.utils.data.DataLoader(
+            EncodedDataset(train), batch_size=t.batch_size, shuffle=True, collate_fn=collate,
+            generator=generator,
+        )  # fmt: skip
+        eval_loader = torch.utils.data.DataLoader(
+            EncodedDataset(held_out), batch_size=t.eval_batch_size or t.batch_size,
+            collate_fn=collate,
+        )  # fmt: skip
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
+            optimizer=optimizer,
+            num_warmup_steps=self.plan.warmup_steps,
+            num_training_steps=self.plan.total_steps,
+        )
+        self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader
+        )
+        self.state = TrainingState()
+        self.trackers = Trackers(config, folder, enabled=accelerator.is_main_process)
+        self.profiler = EpochProfiler(profile_dir if accelerator.is_main_process else None)
+        self.train_seconds = 0.0
+        self.measured_flops: dict[str, Any] = {}
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint in the run folder, if there is one."""
+        path = latest_checkpoint(self.folder)
+        if path is None:
+            return False
+        self.state, method_state = load_checkpoint(
+            path,
+            model=self.accelerator.unwrap_model(self.model),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            process_index=self.accelerator.process_index,
+        )
+        self.method.load_state_dict(method_state)
+        log.info(
+            "resumed from %s (step %d of %d)", path.name, self.state.step, self.plan.total_steps
+        )
+        return True
+
+    def save_checkpoint(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_checkpoint(
+                self.folder,
+                model=self.accelerator.unwrap_model(self.model),
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                state=self.state,
+                method_state=self.method.state_dict(),
+            )
+        self.accelerator.wait_for_everyone()
+
+    # -- measurement -----------------------------------------------------------------------
+    def count_step_flops(self) -> None:
+        """FLOPs of one micro-batch forward+backward with FlopCounterMode (RNG untouched)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        batch = next(iter(self.train_loader))
+        # Every process runs it (DDP's forward broadcasts buffers: one process alone would
+        # hang); no_sync keeps the gradients local; fork_rng leaves dropout's RNG as it was.
+        with (
+            torch.random.fork_rng(devices=[]),
+            self.accelerator.no_sync(self.model),
+            FlopCounterMode(display=False) as counter,
+        ):
+            self.model.train()
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss_sum, count = token_loss_sum(out.logits, batch["labels"])
+            self.accelerator.backward(loss_sum / count.clamp(min=1))
+        self.optimizer.zero_grad(set_to_none=True)
+        flops = int(counter.get_total_flops())
+        ga = self.config.training.gradient_accumulation_steps
+        self.measured_flops = {
+            "micro_batch_flops": flops,
+            "micro_batch_shape": list(batch["input_ids"].shape),
+            "train_flops_per_step": flops * ga * self.accelerator.num_processes,
+            "counted_with": "torch.utils.flop_counter.FlopCounterMode (first micro-batch)",
+        }
+
+    # -- training --------------------------------------------------------------------------
+    def _step(self, window: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        """One optimizer step over ``window``; returns (mean answer-token loss, tokens)."""
+        acc = self.accelerator
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+        total = acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum")
+        total_tokens = max(int(total.item()), 1)
+        scale = acc.num_processes / total_tokens
+        loss_sum_local = torch.zeros((), device=acc.device)
+        for index, batch in enumerate(window):
+            last = index == len(window) - 1
+            context = acc.no_sync(self.model) if not last else contextlib.nullcontext()
+            with context:
+                out = self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                )
+                loss_sum, _ = token_loss_sum(out.logits, batch["labels"])
+                loss = loss_sum * scale
+                extra = self.method.regularization(acc.unwrap_model(self.model))
+                if extra is not None:
+                    loss = loss + extra / len(window)
+                acc.backward(loss)
+            loss_sum_local += loss_sum.detach()
+        if self.config.training.max_grad_norm is not None:
+            acc.clip_grad_norm_(self.model.parameters(), self.config.training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.step += 1
+        self.method.on_optimizer_step(acc.unwrap_model(self.model), self.state.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = acc.reduce(loss_sum_local, reduction="sum")
+        return float(loss_total.item()) / total_tokens, total_tokens
+
+    @torch.no_grad()
+    def evaluate_loss(self) -> float:
+        """Mean answer-token loss on the held-out split (all processes)."""
+        acc = self.accelerator
+        self.model.eval()
+        loss_sum = torch.zeros((), device=acc.device)
+        tokens = torch.zeros((), device=acc.device)
+        for batch in self.eval_loader:
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            s, n = token_loss_sum(out.logits, batch["labels"])
+            loss_sum += s
+            tokens += n
+        self.model.train()
+        loss_sum = acc.reduce(loss_sum, reduction="sum")
+        tokens = acc.reduce(tokens, reduction="sum")
+        return float(loss_sum.item() / max(tokens.item(), 1))
+
+    def train(self) -> None:
+        """Run optimizer steps until the plan's total, with evaluation and checkpoints."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        t = self.config.training
+        plan = self.plan
+        columns = [
+            TextColumn("[bold]train[/] step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+            TimeRemainingColumn(),
+        ]
+        progress = Progress(*columns, disable=not self.accelerator.is_main_process, transient=False)
+        bar = progress.add_task(
+            "train", total=plan.total_steps, completed=self.state.step, loss="-", tps="-"
+        )
+        self.model.train()
+        with progress:
+            while self.state.step < plan.total_steps:
+                self._set_epoch(self.state.epoch)
+                loader = self.train_loader
+                if self.state.batches_in_epoch:
+                    loader = self.accelerator.skip_first_batches(
+                        loader, self.state.batches_in_epoch
+                    )
+                self.profiler.start_epoch(self.state.epoch)
+                for window in _windows(loader, t.gradient_accumulation_steps):
+                    start = time.perf_counter()
+                    loss, tokens = self._step(window)
+                    elapsed = time.perf_counter() - start
+                    self.profiler.step()
+                    self.train_seconds += elapsed
+                    self.state.tokens += tokens
+                    self.state.batches_in_epoch += len(window)
+                    record: dict[str, Any] = {
+                        "step": self.state.step,
+                        "epoch": self.state.epoch,
+                        "loss": loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+                    }
+                    if t.eval_every_steps and self.state.step % t.eval_every_steps == 0:
+                        record["eval_loss"] = self.evaluate_loss()
+                    self.state.history.append(record)
+                    self.trackers.log(
+                        {f"train/{k}": v for k, v in record.items() if isinstance(v, float)},
+                        self.state.step,
+                    )
+                    progress.update(
+                        bar,
+                        completed=self.state.step,
+                        loss=f"{loss:.4f}",
+                        tps=f"{record['tokens_per_s'] or 0:.0f}",
+                    )
+                    log.debug("step %d loss %.5f", self.state.step, loss)
+                    done = self.state.step >= plan.total_steps
+                    if done or (t.save_every_steps and self.state.step % t.save_every_steps == 0):
+                        self.save_checkpoint()
+                    if done:
+                        break
+                else:
+                    self.state.epoch += 1
+                    self.state.batches_in_epoch = 0
+        self.profiler.stop()
+
+    def _set_epoch(self, epoch: int) -> None:
+        for obj in (self.train_loader, getattr(self.train_loader, "batch_sampler", None)):
+            if obj is not None and hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+                return
+
+    def close(self, failed: bool = False) -> None:
+        self.profiler.stop()
+        self.trackers.close(failed=failed)

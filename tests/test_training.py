@@ -1,0 +1,269 @@
+"""The training loop through its public interface: run folders, reload, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from strato_peft.cli import main
+from strato_peft.config import load_config
+from strato_peft.dry_run import dry_run_report
+from strato_peft.methods import get_method
+from strato_peft.models import build_tiny_model
+from strato_peft.training.checkpoint import STATE_FILE, latest_checkpoint
+from tests.conftest import CONFIGS, ROOT
+
+GSM8K_ROWS = [
+    {
+        "question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+        "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
+    }
+    for a, b in [
+        (3, 4),
+        (10, 5),
+        (7, 8),
+        (2, 9),
+        (12, 30),
+        (1, 1),
+        (6, 6),
+        (20, 3),
+        (8, 13),
+        (5, 40),
+    ]
+]
+
+
+@pytest.fixture(scope="module")
+def gsm8k_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few GSM8K-format examples in the release layout (train.jsonl / test.jsonl)."""
+    folder = tmp_path_factory.mktemp("gsm8k")
+    lines = [json.dumps(row) for row in GSM8K_ROWS]
+    (folder / "train.jsonl").write_text("\n".join(lines * 4) + "\n")
+    (folder / "test.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    return folder
+
+
+def tiny_args(method: str, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(CONFIGS / "experiments" / f"tiny_{method}.yaml"),
+        "--override", f"task.data_path={data}",
+        "--override", f"output.dir={out}",
+        "--no-wandb",
+        *extra,
+    ]  # fmt: skip
+
+
+def only_run(out: Path) -> Path:
+    (folder,) = [p for p in out.glob("*/*/*") if p.is_dir()]
+    return folder
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora"])
+def test_fast_dev_run_writes_a_complete_folder_that_plain_peft_reloads(
+    method: str, gsm8k_dir: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    assert main([*tiny_args(method, gsm8k_dir, tmp_path), "--fast-dev-run"]) == 0
+    folder = only_run(tmp_path)
+    assert folder.name == f"{method}_rank{8 if method == 'adalora' else 16}_seed42"
+    status = json.loads((folder / "status.json").read_text())
+    assert status["status"] == "complete"
+    for name in ("config.yaml", "metrics.json", "costs.json", "env.json", "training.log"):
+        assert (folder / name).is_file(), name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    costs = json.loads((folder / "costs.json").read_text())
+    env = json.loads((folder / "env.json").read_text())
+    assert metrics["fast_dev_run"] and metrics["steps"] == 4 == len(metrics["history"])
+    assert metrics["data_source"].startswith("data_path:")
+    assert {"strict-match", "flexible-extract", "n"} <= set(metrics["task"])
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in metrics["history"])
+    assert (
+        costs["micro_batch_flops"] > 0
+        and costs["tokens_per_s"] > 0
+        and costs["peak_memory_bytes"] > 0
+    )
+    assert env["seed"] == 42 and env["packages"]["peft"]
+
+    # The saved config repeats the run; its dry run gives the same trainable params.
+    config = load_config(folder / "config.yaml")
+    assert costs["trainable_params"] == dry_run_report(config)["trainable_params"]
+
+    # Plain peft reloads the adapter with the trained weights (final checkpoint) and ranks.
+    base = build_tiny_model(config.model.architecture, seed=config.seed)
+    reloaded = PeftModel.from_pretrained(base, folder / "adapter")
+    ours = get_method(config.peft, total_steps=4).build(
+        build_tiny_model(config.model.architecture, seed=config.seed)
+    )
+    state = torch.load(latest_checkpoint(folder) / STATE_FILE, weights_only=False)
+    with torch.no_grad():
+        params = dict(ours.named_parameters())
+        for name, tensor in state["adapter"].items():
+            if params[name].shape != tensor.shape:  # AdaLoRA pruned: masked ranks stay in E
+                pytest.fail(f"{name}: {params[name].shape} vs {tensor.shape}")
+            params[name].copy_(tensor)
+    reloaded.eval()
+    ours.eval()
+    x = torch.randint(0, 49152, (2, 12))
+    torch.testing.assert_close(reloaded(x).logits, ours(x).logits, rtol=0, atol=1e-6)
+    trained = [t for n, t in state["adapter"].items() if "lora_B" in n]
+    assert any(t.abs().sum() > 0 for t in trained)  # B starts at zero: training moved it
+
+
+def test_same_seed_same_losses(gsm8k_dir: Path, tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert (
+            main([*tiny_args("lora", gsm8k_dir, out), "--override", "task.final_eval=false"]) == 0
+        )
+        runs.append(
+            [h["loss"] for h in json.loads((only_run(out) / "metrics.json").read_text())["history"]]
+        )
+    assert runs[0] == runs[1]
+    out = tmp_path / "c"
+    assert (
+        main(
+            [
+                *tiny_args("lora", gsm8k_dir, out),
+                "--seed",
+                "43",
+                "--override",
+                "task.final_eval=false",
+            ]
+        )
+        == 0
+    )
+    other = [h["loss"] for h in json.loads((only_run(out) / "metrics.json").read_text())["history"]]
+    assert other != runs[0]
+
+
+def test_complete_run_is_not_repeated(gsm8k_dir: Path, tmp_path: Path) -> None:
+    args = [*tiny_args("lora", gsm8k_dir, tmp_path), "--override", "task.final_eval=false"]
+    assert main(args) == 0
+    metrics = only_run(tmp_path) / "metrics.json"
+    before = metrics.stat().st_mtime_ns
+    assert main(args) == 0
+    assert metrics.stat().st_mtime_ns == before
+
+
+def test_failed_run_is_marked_failed(
+    gsm8k_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text('{"question": "q"}\n')
+    (bad / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    assert main(tiny_args("lora", bad, tmp_path / "out")) == 1
+    assert "train.jsonl:1" in capsys.readouterr().err
+    folder = only_run(tmp_path / "out")
+    status = json.loads((folder / "status.json").read_text())
+    assert status["status"] == "failed" and "answer" in status["error"]
+    assert not (folder / "metrics.json").exists() and not (folder / "adapter").exists()
+
+
+def _command(method: str, data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "main.py", *tiny_args(method, data, out, *extra)]
+
+
+def _env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    }
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(
+    gsm8k_dir: Path, tmp_path: Path
+) -> None:
+    extra = (
+        "--override", "training.max_steps=8",
+        "--override", "training.save_every_steps=1",
+        "--override", "task.final_eval=false",
+    )  # fmt: skip
+    reference = tmp_path / "reference"
+    subprocess.run(
+        _command("lora", gsm8k_dir, reference, *extra),
+        cwd=ROOT,
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
+    expected = json.loads((only_run(reference) / "metrics.json").read_text())
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _command("lora", gsm8k_dir, out, *extra), cwd=ROOT, env=_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        folders = [
+            p for p in out.glob("*/*/*/checkpoints/step_00000003") if (p / STATE_FILE).is_file()
+        ]
+        if folders or proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    folder = only_run(out)
+    assert json.loads((folder / "status.json").read_text())["status"] == "running"
+    assert not (folder / "metrics.json").exists(), "the run finished before it could be killed"
+    done_before = latest_checkpoint(folder)
+    assert done_before is not None and int(done_before.name.split("_")[1]) < 8
+
+    subprocess.run(
+        _command("lora", gsm8k_dir, out, *extra),
+        cwd=ROOT,
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
+    resumed = json.loads((folder / "metrics.json").read_text())
+    assert [h["step"] for h in resumed["history"]] == list(range(1, 9))
+    assert resumed["history"][-1]["loss"] == pytest.approx(
+        expected["history"][-1]["loss"], rel=1e-6, abs=1e-7
+    )
+    assert resumed["final"]["eval_loss"] == pytest.approx(expected["final"]["eval_loss"], rel=1e-6)
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
+    gsm8k_dir: Path, tmp_path: Path
+) -> None:
+    extra = ("--override", "peft.dropout=0", "--override", "task.final_eval=false")
+    single = tmp_path / "single"
+    subprocess.run(
+        _command("lora", gsm8k_dir, single, *extra, "--override", "training.batch_size=2"),
+        cwd=ROOT, env=_env(), check=True, capture_output=True,
+    )  # fmt: skip
+    ddp = tmp_path / "ddp"
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    done = subprocess.run(
+        [
+            launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no",
+            *_command("lora", gsm8k_dir, ddp, *extra, "--override", "training.batch_size=1")[1:],
+        ],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    env = json.loads((only_run(ddp) / "env.json").read_text())
+    assert env["num_processes"] == 2
+    one = json.loads((only_run(single) / "metrics.json").read_text())
+    two = json.loads((only_run(ddp) / "metrics.json").read_text())
+    assert len(one["history"]) == len(two["history"]) == 4
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert two["final"]["eval_loss"] == pytest.approx(one["final"]["eval_loss"], rel=1e-5)
