@@ -13,7 +13,7 @@ setup:
 	@scripts/setup_env.sh
 
 demo: setup
-	$(PY) main.py --config $(DEMO_CONFIG) --dry-run
+	$(PY) main.py --config $(DEMO_CONFIG)
 
 test: setup
 	$(PY) -m pytest -q

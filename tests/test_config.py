@@ -248,3 +248,11 @@ def test_a_typo_in_any_key_of_any_shipped_config_is_caught(tmp_path: Path) -> No
             checked += 1
         file.write_text(original)
     assert checked > 100
+
+
+@pytest.mark.parametrize("path", entry_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_names_a_known_task_subset(path: Path) -> None:
+    from strato_peft.tasks import load_task
+
+    cfg = load_config(path)
+    assert load_task(cfg.task).name == cfg.task.name  # the constructor checks the subset

@@ -57,6 +57,7 @@ def tiny_args(method: str, data: Path, out: Path, *extra: str) -> list[str]:
         "--config", str(CONFIGS / "experiments" / f"tiny_{method}.yaml"),
         "--override", f"task.data_path={data}",
         "--override", f"output.dir={out}",
+        "--override", f"logging.log_dir={out}/logs",
         "--no-wandb",
         *extra,
     ]  # fmt: skip
@@ -73,8 +74,13 @@ def test_fast_dev_run_writes_a_complete_folder_that_plain_peft_reloads(
 ) -> None:
     from peft import PeftModel
 
-    assert main([*tiny_args(method, gsm8k_dir, tmp_path), "--fast-dev-run"]) == 0
+    observe = ["--profile", "--override", "logging.tensorboard=true"] if method == "lora" else []
+    assert main([*tiny_args(method, gsm8k_dir, tmp_path), "--fast-dev-run", *observe]) == 0
     folder = only_run(tmp_path)
+    if observe:  # profiler traces, TensorBoard scalars and the shared training log
+        assert list((tmp_path / "logs" / "profiles").glob("*.pt.trace.json"))
+        assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
+        assert "complete:" in (tmp_path / "logs" / "training.log").read_text()
     assert folder.name == f"{method}_rank{8 if method == 'adalora' else 16}_seed42"
     status = json.loads((folder / "status.json").read_text())
     assert status["status"] == "complete"
