@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from strato_peft.registry import did_you_mean
@@ -81,6 +82,8 @@ def setup_logging(debug: bool) -> None:
         force=True,
     )
     if not debug:
+        # transformers 5 deprecation noise from inside peft; --debug shows it.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
