@@ -273,3 +273,34 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
     for a, b in zip(one["history"], two["history"], strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     assert two["final"]["eval_loss"] == pytest.approx(one["final"]["eval_loss"], rel=1e-5)
+
+
+def test_sigterm_marks_the_run_failed_and_it_resumes_later(gsm8k_dir: Path, tmp_path: Path) -> None:
+    extra = ("--override", "training.max_steps=8", "--override", "training.save_every_steps=1",
+             "--override", "task.final_eval=false")  # fmt: skip
+    proc = subprocess.Popen(
+        _command("lora", gsm8k_dir, tmp_path, *extra), cwd=ROOT, env=_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(
+            (p / STATE_FILE).is_file() for p in tmp_path.glob("*/*/*/checkpoints/step_00000002")
+        ):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    folder = only_run(tmp_path)
+    status = json.loads((folder / "status.json").read_text())
+    assert proc.returncode != 0 and status == {
+        **status,
+        "status": "failed",
+        "error": "interrupted by SIGTERM",
+    }
+    assert not (folder / "metrics.json").exists()
+    assert main(tiny_args("lora", gsm8k_dir, tmp_path, *extra)) == 0
+    assert "resumed from step_00000002" in (folder / "training.log").read_text()
+    assert [
+        h["step"] for h in json.loads((folder / "metrics.json").read_text())["history"]
+    ] == list(range(1, 9))

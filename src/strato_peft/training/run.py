@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +135,7 @@ def run_experiment(config: ExperimentConfig, options: RunOptions) -> Path:
     )
     trainer: Trainer | None = None
     start = time.perf_counter()
+    previous_handler = _raise_on_sigterm()
     try:
         set_seed(config.seed)
         log.info("run %s (%s)", folder, run_tag(config))
@@ -226,7 +229,12 @@ def run_experiment(config: ExperimentConfig, options: RunOptions) -> Path:
             log.info("complete: %s (eval loss %.4f)", folder, final["eval_loss"])
     except BaseException as exc:
         if main:
-            _write_status(folder, "failed", error=f"{type(exc).__name__}: {exc}")
+            error = (
+                "interrupted by SIGTERM"
+                if isinstance(exc, Interrupted)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            _write_status(folder, "failed", error=error)
         if trainer is not None:
             trainer.close(failed=True)
             trainer = None
@@ -235,7 +243,25 @@ def run_experiment(config: ExperimentConfig, options: RunOptions) -> Path:
         if trainer is not None:
             trainer.close()
         remove_handlers(handlers)
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     return folder
+
+
+class Interrupted(SystemExit):
+    """SIGTERM during a run: the folder is marked failed and the run can resume."""
+
+
+def _raise_on_sigterm() -> Any:
+    """Turn SIGTERM (``kill``, a scheduler's pre-emption) into an exception, so the run
+    folder is marked failed instead of staying ``running``; only in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _write_status(folder: Path, status: str, **extra: Any) -> None:
