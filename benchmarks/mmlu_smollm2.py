@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_threads": torch.get_num_threads(),
         },
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report["lm_eval"] = {"pending": "running"}
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.skip_lm_eval:
         report["lm_eval"] = {"skipped": "--skip-lm-eval"}
     else:
