@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from strato_peft.config import load_config
-from strato_peft.dry_run import dry_run_report, module_ranks
+from strato_peft.costs import allocation_from_peft_model
+from strato_peft.dry_run import dry_run_report
 from strato_peft.methods import MethodError, get_method
 from strato_peft.models import build_tiny_model
 from tests.conftest import CONFIGS, entry_configs
@@ -71,7 +72,7 @@ def test_dry_run_equals_instantiated_model(overrides: list[str]) -> None:
     assert report["trainable_params"] == sum(
         p.numel() for p in model.parameters() if p.requires_grad
     )
-    assert report["module_ranks"] == module_ranks(model)
+    assert report["module_ranks"] == allocation_from_peft_model(model)
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 

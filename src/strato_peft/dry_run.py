@@ -12,6 +12,7 @@ import re
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
+from strato_peft import costs
 from strato_peft.config.schema import ExperimentConfig
 from strato_peft.methods import get_method
 from strato_peft.models import build_meta_model, resolve_source
@@ -21,17 +22,6 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 LAYER_RE = re.compile(r"\.layers\.(\d+)\.(?:[a-z_]+\.)?([a-z_]+)$")
-
-
-def module_ranks(model: PeftModel) -> dict[str, int]:
-    """Adapted module name (as in the base model) -> rank of its adapter."""
-    ranks: dict[str, int] = {}
-    for name, module in model.named_modules():
-        r = getattr(module, "r", None)
-        if isinstance(r, dict) and r:
-            base_name = name.removeprefix("base_model.model.")
-            ranks[base_name] = int(next(iter(r.values())))
-    return ranks
 
 
 def summarise_ranks(ranks: dict[str, int]) -> list[dict[str, Any]]:
@@ -95,7 +85,7 @@ def dry_run_report(config: ExperimentConfig, platform_note: str | None = None) -
         )
         report["budget"] = {"params": budget.params, "flops": budget.flops}
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    ranks = module_ranks(peft_model)
+    ranks = costs.allocation_from_peft_model(peft_model)
     report["costs"] = cost_estimate(config, peft_model)
     for key in ("forward_flops_per_token", "train_flops_per_token", "train_flops_per_step"):
         report[key] = report["costs"][key]
@@ -118,8 +108,6 @@ WEIGHT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 def cost_estimate(config: ExperimentConfig, peft_model: PeftModel) -> dict[str, Any]:
     """The cost model's figures for one optimizer step of this config (see ``costs``)."""
-    from strato_peft import costs
-
     t = config.training
     weight_dtype = WEIGHT_DTYPES.get(config.model.torch_dtype, "fp32")
     mixed = config.device_info.mixed_precision and config.device_info.precision != "fp32"
