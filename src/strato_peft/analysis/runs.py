@@ -1,0 +1,284 @@
+"""Loading run folders: one :class:`Run` per complete folder, a reason for every other.
+
+A run folder (``<output.dir>/<model>/<task>/<method>_rank<r>[_lambda<l>]_seed<s>/``, see
+``strato_peft.results``) counts only when ``status.json`` says ``complete`` and its
+``config.yaml``, ``metrics.json`` and ``costs.json`` parse and hold the chosen score.
+Anything else is returned as a :class:`Skipped` with the reason, never raised: a
+half-written or failed run must not crash the analysis nor enter an average.
+
+Scores are in *points* (a [0, 1] metric times 100), the unit of the product spec's
+"score >= baseline - 0.5" and "std <= 0.4" rules. The primary metric of each task is
+:data:`PRIMARY_METRICS`; ``eval_loss`` (the held-out answer-token loss) is the
+secondary score, as ``-100 x loss`` so that higher is better for every score.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+PRIMARY_METRICS: dict[str, str] = {
+    "gsm8k": "strict-match",
+    "mmlu": "acc",
+    "humaneval": "pass@1",
+    "alpaca": "eval_loss",
+}
+"""Task -> primary metric. GSM8K's strict match (``#### N`` answer format, lm-eval's
+headline filter); Alpaca has no reference answers, so its score is the held-out loss."""
+
+LOSS_METRIC = "eval_loss"
+PRIMARY = "primary"
+RUN_NAME = re.compile(
+    r"^(?P<method>[a-z0-9]+)_rank(?P<rank>\d+)(?:_lambda(?P<lam>[^_]+))?_seed(?P<seed>\d+)$"
+)
+REQUIRED_FILES = ("config.yaml", "metrics.json", "costs.json")
+
+
+@dataclass
+class Run:
+    """One complete run folder, with its score in points (higher is better)."""
+
+    folder: Path
+    model: str
+    task: str
+    method: str
+    rank: int
+    lambda_: float | None
+    seed: int
+    metric: str
+    score: float
+    eval_loss: float | None
+    train_loss: float | None
+    trainable_params: int
+    total_params: int | None
+    flops_per_step: float | None
+    flops_source: str
+    wall_time_s: float | None
+    task_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    config: dict[str, Any]
+    env: dict[str, Any]
+    rank_pattern: dict[str, int] | None = None
+    costs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def budget(self) -> str:
+        """``rank16`` or ``rank16_lambda0.1``: runs of one method differing only by seed share it."""
+        text = f"rank{self.rank}"
+        return text if self.lambda_ is None else f"{text}_lambda{self.lambda_:g}"
+
+    @property
+    def group_key(self) -> tuple[str, str, str, str]:
+        return (self.model, self.task, self.method, self.budget)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A folder that does not count, and why."""
+
+    folder: Path
+    reason: str
+
+
+def primary_metric(task: str) -> str:
+    """The task's primary metric (:data:`PRIMARY_METRICS`); ``eval_loss`` for unknown tasks."""
+    return PRIMARY_METRICS.get(task, LOSS_METRIC)
+
+
+def score_points(metric: str, task_metrics: dict[str, Any], eval_loss: float | None) -> float:
+    """The score in points: ``100 x metric`` or ``-100 x eval_loss``; ``KeyError`` when absent."""
+    if metric == LOSS_METRIC:
+        if eval_loss is None:
+            raise KeyError("no final eval_loss in metrics.json")
+        return -100.0 * float(eval_loss)
+    value = task_metrics.get(metric)
+    if not isinstance(value, (int, float)):
+        raise KeyError(f"no task metric {metric!r} in metrics.json (was task.final_eval off?)")
+    return 100.0 * float(value)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path.name} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path.name} is unreadable ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name} is not a JSON object")
+    return data
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load((folder / "config.yaml").read_text())
+    except FileNotFoundError:
+        raise ValueError("config.yaml is missing") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"config.yaml is unreadable ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ValueError("config.yaml is not a mapping")
+    return data
+
+
+def _rank_pattern(folder: Path) -> dict[str, int] | None:
+    try:
+        data = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    pattern = data.get("rank_pattern") if isinstance(data, dict) else None
+    if not isinstance(pattern, dict) or not pattern:
+        return None
+    ranks: dict[str, int] = {}
+    for name, value in pattern.items():
+        # AdaLoRA stores a boolean mask per module; LoRA/STRATO store the rank.
+        ranks[name] = sum(bool(v) for v in value) if isinstance(value, list) else int(value)
+    return ranks
+
+
+def load_run(folder: Path, metric: str = PRIMARY, cost_model: bool = True) -> Run | Skipped:
+    """Read one run folder; a :class:`Skipped` (with the reason) unless it is complete and sound."""
+    folder = Path(folder)
+    try:
+        status = _read_json(folder / "status.json").get("status")
+    except ValueError as exc:
+        return Skipped(folder, f"{exc}: not a finished run")
+    if status != "complete":
+        return Skipped(folder, f"status is {status!r}, not 'complete'")
+    try:
+        config = _read_config(folder)
+        metrics = _read_json(folder / "metrics.json")
+        costs = _read_json(folder / "costs.json")
+        env = _read_json(folder / "env.json") if (folder / "env.json").exists() else {}
+        peft, task_cfg = config.get("peft") or {}, config.get("task") or {}
+        task = str(task_cfg["name"])
+        method = str(peft["method"])
+        rank = int(peft["rank"])
+        seed = int(config["seed"])
+        model = str((config.get("model") or {})["name"])
+        lam = (peft.get("strato") or {}).get("lambda") if method == "strato" else None
+        final = metrics.get("final") or {}
+        eval_loss = final.get("eval_loss")
+        task_metrics = metrics.get("task") or {}
+        chosen = primary_metric(task) if metric == PRIMARY else metric
+        score = score_points(chosen, task_metrics, eval_loss)
+        trainable = int(costs["trainable_params"])
+    except KeyError as exc:
+        reason = exc.args[0] if exc.args and " " in str(exc.args[0]) else f"missing field {exc}"
+        return Skipped(folder, str(reason))
+    except (ValueError, TypeError) as exc:
+        return Skipped(folder, str(exc))
+    flops, source = None, "unavailable"
+    if cost_model:
+        flops = model_flops_per_step(folder)
+        source = "cost model" if flops is not None else source
+    if flops is None and isinstance(costs.get("train_flops_per_step"), (int, float)):
+        flops, source = float(costs["train_flops_per_step"]), "measured (FlopCounterMode)"
+    return Run(
+        folder=folder,
+        model=model,
+        task=task,
+        method=method,
+        rank=rank,
+        lambda_=None if lam is None else float(lam),
+        seed=seed,
+        metric=chosen,
+        score=score,
+        eval_loss=None if eval_loss is None else float(eval_loss),
+        train_loss=final.get("train_loss"),
+        trainable_params=trainable,
+        total_params=costs.get("total_params"),
+        flops_per_step=flops,
+        flops_source=source,
+        wall_time_s=costs.get("wall_time_s"),
+        task_metrics=task_metrics,
+        history=[h for h in metrics.get("history") or [] if isinstance(h, dict)],
+        config=config,
+        env=env,
+        rank_pattern=_rank_pattern(folder),
+        costs=costs,
+    )
+
+
+_FLOPS_CACHE: dict[str, float | None] = {}
+
+
+def model_flops_per_step(folder: Path) -> float | None:
+    """Training FLOPs of one optimizer step from the cost model on the run's own config.
+
+    The cost model (``strato_peft.costs`` through the dry run's meta-device model) prices
+    every run with the same formulas, so FLOPs compare across runs and machines, unlike
+    the measured ``costs.json`` figure. ``None`` when the config no longer builds (e.g.
+    the model's architecture cannot be resolved offline); callers then fall back.
+    Cached per config with seed and paths removed: seeds of a group cost the same.
+    """
+    try:
+        raw = _read_config(folder)
+    except ValueError:
+        return None
+    key_tree = {
+        k: v for k, v in raw.items() if k not in ("seed", "output", "logging", "experiment")
+    }
+    key = json.dumps(key_tree, sort_keys=True, default=str)
+    if key not in _FLOPS_CACHE:
+        _FLOPS_CACHE[key] = _cost_model_flops(folder)
+    return _FLOPS_CACHE[key]
+
+
+def _cost_model_flops(folder: Path) -> float | None:
+    try:
+        from strato_peft.config import load_config
+        from strato_peft.dry_run import dry_run_report
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers/peft deprecation noise
+            report = dry_run_report(load_config(folder / "config.yaml"))
+        return float(report["train_flops_per_step"])
+    except Exception as exc:  # any failure: fall back to the measured figure
+        log.debug("cost model failed for %s: %s", folder, exc)
+        return None
+
+
+def _candidate_folders(results_dir: Path) -> list[Path]:
+    found: set[Path] = set()
+    for marker in ("status.json", "config.yaml", "metrics.json"):
+        for path in results_dir.rglob(marker):
+            if not {"checkpoints", "adapter"} & set(path.relative_to(results_dir).parts[:-1]):
+                found.add(path.parent)
+    for path in results_dir.rglob("*_seed*"):
+        if path.is_dir() and RUN_NAME.match(path.name):
+            found.add(path)
+    return sorted(found)
+
+
+def discover_runs(
+    results_dir: str | Path, metric: str = PRIMARY, cost_model: bool = True
+) -> tuple[list[Run], list[Skipped]]:
+    """Every run folder under ``results_dir``: the complete runs and the skipped folders."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results directory {root} does not exist")
+    runs: list[Run] = []
+    skipped: list[Skipped] = []
+    seen: dict[tuple[str, str, str, str, int], Path] = {}
+    for folder in _candidate_folders(root):
+        loaded = load_run(folder, metric, cost_model)
+        if isinstance(loaded, Skipped):
+            skipped.append(loaded)
+            continue
+        key = (*loaded.group_key, loaded.seed)
+        if key in seen:
+            skipped.append(Skipped(folder, f"duplicate of {seen[key]} (same group and seed)"))
+            continue
+        seen[key] = folder
+        runs.append(loaded)
+    return runs, skipped
