@@ -7,18 +7,22 @@ rank and params) are edited to known values, so every branch is hit deterministi
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import shutil
 import statistics
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from strato_peft.analysis import batch
 from strato_peft.analysis.compare import (
     BASELINE,
     FAIL,
@@ -26,6 +30,8 @@ from strato_peft.analysis.compare import (
     PASS,
     compare_runs,
 )
+from strato_peft.analysis.logs import log_summary, profile_summary
+from strato_peft.analysis.plots import all_figures, rank_matrix
 from strato_peft.analysis.runs import discover_runs
 from strato_peft.analysis.stats import compare_scores
 from strato_peft.cli import main
@@ -53,6 +59,7 @@ def real_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "--override", f"output.dir={out}",
                 "--override", f"logging.log_dir={out}/logs",
                 "--override", "task.final_eval=false",
+                "--override", "training.max_steps=2",  # two steps: a curve, in half the time
                 "--no-wandb", "--seed", str(seed),
             ]  # fmt: skip
             assert main(args) == 0
@@ -103,6 +110,11 @@ def copy_group(
 
 
 LORA = {42: 0.300, 43: 0.304, 44: 0.302}
+RANK_PATTERN = {
+    "model.layers.0.self_attn.q_proj": 4,
+    "model.layers.0.self_attn.v_proj": 2,
+    "model.layers.1.self_attn.q_proj": [True, False, True],  # AdaLoRA stores masks
+}
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +133,10 @@ def scored_results(real_results: Path, tmp_path_factory: pytest.TempPathFactory)
     copy_group(real_results, root, "dora", 2, {42: 0.310, 43: 0.320, 44: 0.330})  # std 1.0
     copy_group(real_results, root, "dora", 1, {42: 0.31})  # one seed
     copy_group(real_results, root, "dora", 4, {42: 0.5, 43: 0.5}, task="mmlu")  # no LoRA
+    adapter_config = run_folder(root, "dora", 42, 4) / "adapter" / "adapter_config.json"
+    config = read(adapter_config)
+    config["rank_pattern"] = RANK_PATTERN
+    write(adapter_config, config)
     broken = root / "tiny_llama" / "gsm8k"
     shutil.copytree(run_folder(root, "lora", 42), broken / "lora_rank32_seed42")
     write(broken / "lora_rank32_seed42" / "status.json", {"status": "running"})
@@ -265,3 +281,198 @@ def test_scripts_run_from_a_checkout(scored_results: Path) -> None:
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)["comparisons"]
     assert {r["verdict"] for r in rows} == {BASELINE, PASS, FAIL, NOT_ENOUGH_DATA}
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables = 0
+        self.images: list[bytes] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tables += tag == "table"
+        src = dict(attrs).get("src") or ""
+        if tag == "img" and src.startswith("data:image/png;base64,"):
+            self.images.append(base64.b64decode(src.partition(",")[2]))
+
+
+def _png_pixels(data: bytes) -> Any:
+    import matplotlib.image
+
+    return matplotlib.image.imread(io.BytesIO(data), format="png")
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.fail(f"headless Chromium is needed to render the report: {CHROMIUM_HINT}")
+
+
+CHROMIUM_HINT = "apt-get update && apt-get install -y chromium"
+
+
+def test_report_is_self_contained_html_that_chromium_renders(
+    scored_results: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    assert commands.report(["--results_dir", str(scored_results), "--output", str(out)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "<script" not in page and "http" not in page.split("<h2>Runs")[0]
+    parser = _Images()
+    parser.feed(page)
+    assert parser.tables == 1
+    stems = {"score_vs_params", "score_vs_flops", "training_curves"}
+    assert len(parser.images) == len(stems) + 1  # + the rank heatmap of the patterned run
+    for png in parser.images:
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+        height, width = _png_pixels(png).shape[:2]
+        assert width >= 400 and height >= 200
+    for verdict in ("PASS", "FAIL", "NOT ENOUGH DATA", "status is &#x27;running&#x27;"):
+        assert verdict in page
+    assert "config.yaml" in page and "git_commit" in page  # each run's config and environment
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| gsm8k | dora | rank4 |" in markdown and "figures/score_vs_params.png" in markdown
+    assert (tmp_path / "figures" / "score_vs_params.png").stat().st_size > 10_000
+
+    shot = tmp_path / "shot.png"
+    result = subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}", f"--screenshot={shot}",
+         "--window-size=1280,2000", (tmp_path / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shot.exists(), result.stderr[-2000:]
+    pixels = _png_pixels(shot.read_bytes())
+    assert pixels.shape[:2] == (2000, 1280)
+    colors = {tuple(p) for p in pixels[::16, ::16].reshape(-1, pixels.shape[2]).tolist()}
+    assert len(colors) > 20  # text, table shading and plots, not a blank page
+
+
+def test_figures_include_a_rank_heatmap_for_per_module_ranks(scored_results: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    layers, modules, matrix = rank_matrix(
+        {k: v for k, v in RANK_PATTERN.items() if isinstance(v, int)}
+        | {"model.layers.1.self_attn.q_proj": 2}
+    )
+    assert (layers, modules) == ([0, 1], ["q_proj", "v_proj"])
+    assert matrix[0] == [4.0, 2.0] and matrix[1][0] == 2.0 and math.isnan(matrix[1][1])
+    runs, _ = discover_runs(scored_results)
+    patterned = [r for r in runs if r.rank_pattern]
+    assert len(patterned) == 1 and patterned[0].rank_pattern == {
+        "model.layers.0.self_attn.q_proj": 4,
+        "model.layers.0.self_attn.v_proj": 2,
+        "model.layers.1.self_attn.q_proj": 2,
+    }
+    figures = all_figures(runs)
+    assert set(figures) == {
+        "score_vs_params", "score_vs_flops", "training_curves",
+        "ranks_tiny_llama_gsm8k_dora_rank4_seed42",
+    }  # fmt: skip
+    for fig in figures.values():
+        plt.close(fig)
+
+
+def test_visualize_command_writes_pngs(scored_results: Path, tmp_path: Path) -> None:
+    assert (
+        commands.visualize(["--results_dir", str(scored_results), "--output_dir", str(tmp_path)])
+        == 0
+    )
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "ranks_tiny_llama_gsm8k_dora_rank4_seed42.png",
+        "score_vs_flops.png",
+        "score_vs_params.png",
+        "training_curves.png",
+    ]
+
+
+def test_log_summary_of_real_and_broken_logs(real_results: Path, tmp_path: Path) -> None:
+    real = log_summary(real_results / "logs" / "training.log")
+    assert len(real.started) == 6 and len(real.completed) == 6 and not real.failed
+    log = tmp_path / "training.log"
+    log.write_text(
+        "2026-01-01 10:00:00,001 INFO strato_peft.training.run: run results/a/b/lora_rank16_seed42 (tag)\n"
+        "2026-01-01 10:00:05,000 WARNING strato_peft.training.loop: loss is nan at step 3\n"
+        "2026-01-01 10:00:06,000 ERROR strato_peft.training.run: run failed: RuntimeError: boom\n"
+        "Traceback (most recent call last):\n"
+        '  File "x.py", line 1\n'
+    )
+    s = log_summary(log)
+    assert s.levels == {"INFO": 1, "WARNING": 1, "ERROR": 1}
+    assert s.started == ["results/a/b/lora_rank16_seed42"] and s.completed == []
+    assert s.failed == ["run failed: RuntimeError: boom"]
+    assert s.problems[1].endswith('File "x.py", line 1')
+    assert commands.analyze_logs(["--log_file", str(log)]) == 0
+    assert commands.analyze_logs(["--log_file", str(tmp_path / "missing.log")]) == 1
+
+
+def test_profile_summary_totals_operators(tmp_path: Path) -> None:
+    events = [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "dur": 30.0},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "dur": 10.0},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::add", "dur": 5.0},
+        {"ph": "X", "cat": "python_function", "name": "forward", "dur": 99.0},
+        {"ph": "i", "cat": "cpu_op", "name": "marker"},
+    ]
+    write(tmp_path / "host_epoch0.1.pt.trace.json", {"traceEvents": events})
+    (tmp_path / "host_epoch1.2.pt.trace.json").write_text("{truncated")
+    s = profile_summary(tmp_path)
+    assert [(o.name, o.calls, o.total_us) for o in s.ops] == [
+        ("aten::mm", 2, 40.0),
+        ("aten::add", 1, 5.0),
+    ]
+    assert len(s.traces) == 1 and s.unreadable[0][0].name == "host_epoch1.2.pt.trace.json"
+    assert commands.analyze_profile(["--profile_dir", str(tmp_path)]) == 0
+    assert commands.analyze_profile(["--profile_dir", str(tmp_path / "none")]) == 1
+
+
+def test_batch_skips_complete_runs_retries_failures_once_and_reports(
+    real_results: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    experiments = CONFIGS / "experiments"
+    results = tmp_path / "results"
+    shutil.copytree(real_results, results)
+    overrides = [f"output.dir={results}"]
+    assert batch.find_configs(experiments, ["tiny_[ld]ora"]) == [
+        experiments / "tiny_dora.yaml",
+        experiments / "tiny_lora.yaml",
+    ]
+    assert commands.run_experiments(
+        ["--config_dir", str(experiments), "--filter", "tiny_lora", "--filter", "tiny_dora",
+         "--seeds", "42", "45", "--dry-run", "--override", overrides[0]]
+    ) == 0  # fmt: skip
+    listing = capsys.readouterr().out
+    assert listing.count("skipped (complete)") == 2 and listing.count("would run") == 2
+
+    jobs = batch.plan_jobs(
+        batch.find_configs(experiments, ["tiny_lora", "tiny_dora"]), (44, 45), overrides
+    )
+    assert [j.status for j in jobs] == [batch.SKIPPED, "pending", batch.SKIPPED, "pending"]
+    calls: list[list[str]] = []
+
+    def runner(command: list[str]) -> int:
+        calls.append(command)
+        job = next(j for j in jobs if j.command == command)
+        assert job.run_dir is not None
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        if "tiny_dora" in command[command.index("--config") + 1]:
+            write(job.run_dir / "status.json", {"status": "failed", "error": "OOM"})
+            return 1
+        if len([c for c in calls if c == command]) == 2:  # LoRA: fails once, then completes
+            write(job.run_dir / "status.json", {"status": "complete"})
+            return 0
+        return 1
+
+    batch.run_jobs(jobs, runner)
+    by_label = {j.label: j for j in jobs}
+    assert by_label["tiny_lora seed 45"].status == batch.RETRIED
+    assert by_label["tiny_dora seed 45"].status == batch.FAILED
+    assert by_label["tiny_dora seed 45"].attempts == 2
+    assert by_label["tiny_dora seed 45"].error == "exit code 1: OOM"
+    assert calls[0][1:4] == ["-m", "strato_peft.cli", "--config"]
+    assert calls[0][-4:] == ["--seed", "45", "--override", f"output.dir={results}"]
+    # The batch, started again, skips what completed.
+    again = batch.plan_jobs(batch.find_configs(experiments, ["tiny_lora"]), (45,), overrides)
+    assert again[0].status == batch.SKIPPED
