@@ -476,3 +476,28 @@ def test_batch_skips_complete_runs_retries_failures_once_and_reports(
     # The batch, started again, skips what completed.
     again = batch.plan_jobs(batch.find_configs(experiments, ["tiny_lora"]), (45,), overrides)
     assert again[0].status == batch.SKIPPED
+
+
+ANALYSIS_SUBCOMMANDS = {
+    "run-experiments": "run_experiments",
+    "compare": "compare",
+    "stats": "stats",
+    "visualize": "visualize",
+    "report": "report",
+    "analyze-profile": "analyze_profile",
+    "analyze-logs": "analyze_logs",
+}
+
+
+def test_strato_peft_subcommands_reach_the_same_functions(
+    scored_results: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from strato_peft import cli
+
+    for name, function in ANALYSIS_SUBCOMMANDS.items():
+        assert callable(getattr(commands, function))
+        entry = (f"strato_peft.commands.analysis:{function}", "analysis")
+        monkeypatch.setitem(cli.SUBCOMMANDS, name, cli.SUBCOMMANDS.get(name, entry))
+        assert cli.SUBCOMMANDS[name][0] == entry[0]
+    assert cli.main(["compare", "--results_dir", str(scored_results), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["skipped"]) == 4

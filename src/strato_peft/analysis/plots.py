@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import EngFormatter, MaxNLocator
+from matplotlib.ticker import EngFormatter, MaxNLocator, NullFormatter
 
 from strato_peft.analysis.compare import Group, group_runs
 from strato_peft.analysis.runs import Run
@@ -65,6 +65,7 @@ def score_vs_cost(runs: list[Run], cost: str = "params") -> Figure:
         xs_all = [p for line in ax.get_lines() for p in line.get_xdata()]
         if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 10:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.xaxis.set_major_formatter(EngFormatter())
         ax.set_xlabel(
             "trainable parameters" if cost == "params" else "train FLOPs / optimizer step"

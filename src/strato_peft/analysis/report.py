@@ -17,7 +17,13 @@ from pathlib import Path
 
 import yaml
 
-from strato_peft.analysis.compare import TABLE_COLUMNS, Comparison, markdown_table, table_rows
+from strato_peft.analysis.compare import (
+    TABLE_COLUMNS,
+    Comparison,
+    human,
+    markdown_table,
+    table_rows,
+)
 from strato_peft.analysis.runs import Run, Skipped
 
 CSS = """
@@ -140,7 +146,7 @@ def build_report(
         commit = str(run.env.get("git_commit") or "")[:10]
         md.append(
             f"| {run.model}/{run.task}/{run.folder.name} | {run.score:.2f} | {run.trainable_params} "
-            f"| {run.flops_per_step or ''} | {commit} | {packages.get('torch', '')} |"
+            f"| {human(run.flops_per_step)} | {commit} | {packages.get('torch', '')} |"
         )
     parts.append("</body></html>")
     return Report(html="\n".join(parts), markdown="\n".join(md) + "\n")
