@@ -501,3 +501,24 @@ def test_strato_peft_subcommands_reach_the_same_functions(
         assert cli.SUBCOMMANDS[name][0] == entry[0]
     assert cli.main(["compare", "--results_dir", str(scored_results), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["skipped"]) == 4
+
+
+def test_strato_budget_includes_lambda_and_uses_measured_flops(
+    scored_results: Path, tmp_path: Path
+) -> None:
+    for seed in (42, 43):
+        shutil.copytree(
+            run_folder(scored_results, "lora", seed), run_folder(tmp_path, "lora", seed)
+        )
+        dst = tmp_path / "tiny_llama" / "gsm8k" / f"strato_rank16_lambda0.1_seed{seed}"
+        shutil.copytree(run_folder(scored_results, "lora", seed), dst)
+        config = yaml.safe_load((dst / "config.yaml").read_text())
+        config["peft"]["method"] = "strato"
+        config["peft"]["strato"]["lambda"] = 0.1
+        (dst / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    runs, skipped = discover_runs(tmp_path)
+    assert not skipped
+    strato = next(c for c in compare_runs(runs) if c.group.method == "strato")
+    assert strato.group.budget == "rank16_lambda0.1" and strato.baseline is not None
+    assert {r.flops_source for r in strato.group.runs} == {"measured (FlopCounterMode)"}
+    assert strato.group.flops == read(dst / "costs.json")["train_flops_per_step"]

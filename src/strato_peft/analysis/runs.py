@@ -218,7 +218,8 @@ def model_flops_per_step(folder: Path) -> float | None:
     The cost model (``strato_peft.costs`` through the dry run's meta-device model) prices
     every run with the same formulas, so FLOPs compare across runs and machines, unlike
     the measured ``costs.json`` figure. ``None`` when the config no longer builds (e.g.
-    the model's architecture cannot be resolved offline); callers then fall back.
+    the model's architecture cannot be resolved offline) or the allocation is searched at
+    run time (STRATO: the config alone does not say it); callers then fall back.
     Cached per config with seed and paths removed: seeds of a group cost the same.
     """
     try:
@@ -242,6 +243,10 @@ def _cost_model_flops(folder: Path) -> float | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # transformers/peft deprecation noise
             report = dry_run_report(load_config(folder / "config.yaml"))
+        if "note" in report:
+            # A searched allocation (STRATO): the dry run prices its reference LoRA, not
+            # what the search chose; the measured figure of the trained adapter is truer.
+            return None
         return float(report["train_flops_per_step"])
     except Exception as exc:  # any failure: fall back to the measured figure
         log.debug("cost model failed for %s: %s", folder, exc)
