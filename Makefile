@@ -7,18 +7,26 @@ DEMO_CONFIG ?= configs/experiments/cpu_smollm2_gsm8k_lora.yaml
 export STRATO_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-all lint format
+.PHONY: setup browser demo test test-all lint format
 
 setup:
 	@scripts/setup_env.sh
 
+# Headless Chromium for the HTML-report test (Debian package; installed when we are root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "warning: chromium not found: the report test will fail (apt-get install chromium)"; fi; }
+
 demo: setup
 	$(PY) main.py --config $(DEMO_CONFIG)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
-test-all: setup
+test-all: setup browser
 	$(PY) -m pytest -q --run-slow
 
 lint: setup

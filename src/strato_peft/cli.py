@@ -25,6 +25,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("strato_peft.commands.run:main", "train or dry-run one experiment (the default)"),
     "score": ("strato_peft.commands.score:main", "score a JSONL file of predictions (no model)"),
     "eval": ("strato_peft.commands.eval:main", "evaluate a run folder's adapter on its task"),
+    "run-experiments": ("strato_peft.commands.analysis:run_experiments", "run configs x seeds"),
+    "compare": ("strato_peft.commands.analysis:compare", "verdicts against LoRA (table)"),
+    "stats": ("strato_peft.commands.analysis:stats", "seed statistics, t-test, bootstrap CI"),
+    "visualize": ("strato_peft.commands.analysis:visualize", "figures of a results folder"),
+    "report": ("strato_peft.commands.analysis:report", "HTML + Markdown report"),
+    "analyze-profile": ("strato_peft.commands.analysis:analyze_profile", "top profiler ops"),
+    "analyze-logs": ("strato_peft.commands.analysis:analyze_logs", "summarise a training.log"),
 }
 
 log = logging.getLogger("strato_peft")
@@ -101,7 +108,7 @@ def _usage() -> str:
         "       strato-peft COMMAND ...",
         "",
     ]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<16} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "'strato-peft COMMAND --help' for a command's options."]
     return "\n".join(lines)
 
