@@ -305,3 +305,26 @@ def test_sigterm_marks_the_run_failed_and_it_resumes_later(gsm8k_dir: Path, tmp_
     assert [
         h["step"] for h in json.loads((folder / "metrics.json").read_text())["history"]
     ] == list(range(1, 9))
+
+
+def test_token_loss_sum_counts_answer_tokens_only() -> None:
+    from strato_peft.training.data import IGNORE_INDEX, Collator, encode, token_loss_sum
+
+    class Tok:  # whitespace tokenizer: one id per word
+        def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+            return {"input_ids": [len(w) for w in text.split()]}
+
+    item = encode("a bb ccc", "dddd e", Tok(), max_length=16)
+    assert item is not None and item.input_ids == [1, 2, 3, 4, 1]
+    assert item.labels == [IGNORE_INDEX] * 3 + [4, 1] and item.target_tokens == 2
+    cut = encode("a bb ccc", "dddd e", Tok(), max_length=4)  # the prompt is cut from the left
+    assert cut is not None and cut.input_ids == [2, 3, 4, 1]
+    batch = Collator(pad_token_id=0)([item, cut])
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    loss, count = token_loss_sum(logits, batch["labels"])
+    logp = torch.log_softmax(logits, dim=-1)
+    expected = -(logp[0, 2, 4] + logp[0, 3, 1] + logp[1, 1, 4] + logp[1, 2, 1])
+    assert int(count) == 4
+    torch.testing.assert_close(loss, expected)

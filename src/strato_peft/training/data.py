@@ -105,10 +105,12 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     tokens in the whole optimizer step across micro-batches and processes, so the
     gradient is the same however the global batch is split.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    # Shift the labels, not the logits: slicing the logits would copy the whole
+    # batch x seq x vocab tensor (and again in the backward); the padded last position
+    # is ignored, so the sum and the count are unchanged.
+    shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
+        logits.float().reshape(-1, logits.size(-1)),
         shift_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
