@@ -281,7 +281,7 @@ def test_sigterm_marks_the_run_failed_and_it_resumes_later(gsm8k_dir: Path, tmp_
              "--override", "task.final_eval=false")  # fmt: skip
     proc = subprocess.Popen(
         _command("lora", gsm8k_dir, tmp_path, *extra), cwd=ROOT, env=_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -291,7 +291,7 @@ def test_sigterm_marks_the_run_failed_and_it_resumes_later(gsm8k_dir: Path, tmp_
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    proc.communicate(timeout=60)
     folder = only_run(tmp_path)
     status = json.loads((folder / "status.json").read_text())
     assert proc.returncode != 0 and status == {
