@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from strato_peft.results import atomic_directory
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"
@@ -72,8 +73,7 @@ def save_checkpoint(
     root = folder / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+    with atomic_directory(final) as tmp:
         torch.save(
             {
                 "adapter": trainable_state(model),
@@ -85,12 +85,6 @@ def save_checkpoint(
             },
             tmp / STATE_FILE,
         )
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

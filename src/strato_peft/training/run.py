@@ -13,7 +13,6 @@ import json
 import logging
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 from strato_peft.config.schema import ExperimentConfig
 from strato_peft.results import (
     ENV_FILE,
+    atomic_directory,
     atomic_write_json,
     environment_info,
     run_dir,
@@ -284,11 +284,5 @@ def _remove(path: Path) -> None:
 
 def _save_adapter(model: Any, target: Path) -> None:
     """``save_pretrained`` into a temporary folder, then rename (never half an adapter)."""
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
-        _remove(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
