@@ -41,11 +41,14 @@ def _fmt(value: float) -> str:
 
 
 def run_name(config: ExperimentConfig) -> str:
-    """``<method>_rank<r>[_lambda<l>]_seed<s>``; lambda only for STRATO."""
+    """``<method>_rank<r>[_lambda<l>]_seed<s>``; lambda only for STRATO, whose controls
+    are named ``strato-uniform`` / ``strato-random``."""
     p = config.peft
     name = f"{p.method}_rank{p.rank}"
     if p.method == "strato":
         name += f"_lambda{_fmt(p.strato.lambda_)}"
+        if p.strato.control != "none":
+            name = f"{p.method}-{p.strato.control}_rank{p.rank}"
     return f"{name}_seed{config.seed}"
 
 

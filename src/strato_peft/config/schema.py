@@ -89,6 +89,13 @@ class AdaLoraSettings(Section):
     orth_reg_weight: float = Field(default=0.5, ge=0)
 
 
+CostName = Literal["params", "flops", "memory"]
+
+
+def _default_cost_weights() -> dict[CostName, float]:
+    return {"params": 0.5, "flops": 0.5}
+
+
 class StratoBudget(Section):
     """Hard caps relative to the reference LoRA configuration (``None`` = no cap)."""
 
@@ -104,11 +111,29 @@ class StratoReference(Section):
 
 
 class StratoSearch(Section):
-    """How much real evaluation the search may spend."""
+    """How much real evaluation the search may spend, and how the controller learns.
 
-    evaluations: int = Field(default=16, gt=0)
+    A *real evaluation* is a short fine-tune (``steps_per_evaluation`` optimizer steps
+    with the run's training recipe) followed by the held-out loss on
+    ``eval_examples`` held-out examples. The evaluation of the reference LoRA that
+    scores are normalised by counts as one of ``evaluations``.
+    """
+
+    evaluations: int = Field(default=16, gt=1)
     steps_per_evaluation: int = Field(default=50, gt=0)
     max_wall_time_s: float | None = Field(default=None, gt=0)
+    eval_examples: int = Field(default=64, gt=0)
+    probe_batches: int = Field(default=2, gt=0, description="Batches of the sensitivity probe.")
+    policy_timesteps: int = Field(
+        default=4096, gt=0, description="PPO steps on the surrogate between real evaluations."
+    )
+    candidates: int = Field(default=64, gt=0, description="Policy samples per proposal round.")
+    explore_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Share of proposals that return to an elite."
+    )
+    archive_path: str | None = Field(
+        default=None, description="SQLite archive (default: archive.sqlite in the run folder)."
+    )
 
 
 class StratoSettings(Section):
@@ -129,9 +154,24 @@ class StratoSettings(Section):
         ]
     )
     lambda_: float = Field(default=0.5, ge=0, alias="lambda")
+    cost_weights: dict[CostName, float] = Field(
+        default_factory=_default_cost_weights,
+        description="Weights of the normalised costs (each relative to the reference) "
+        "that lambda multiplies in the reward.",
+    )
     reference: StratoReference = Field(default_factory=StratoReference)
     budget: StratoBudget = Field(default_factory=StratoBudget)
     search: StratoSearch = Field(default_factory=StratoSearch)
+    control: Literal["none", "uniform", "random"] = Field(
+        default="none",
+        description="none: the search; uniform: LoRA at the same params (see control_from); "
+        "random: a random feasible allocation under the budget.",
+    )
+    control_from: str | None = Field(
+        default=None,
+        description="A STRATO run folder whose allocation.json sets the params of `uniform` "
+        "(default: the params budget).",
+    )
 
     @field_validator("rank_menu")
     @classmethod
@@ -139,6 +179,13 @@ class StratoSettings(Section):
         if not menu or any(r < 0 for r in menu):
             raise ValueError("rank_menu must be a non-empty list of ranks >= 0")
         return sorted(set(menu))
+
+    @field_validator("cost_weights")
+    @classmethod
+    def _weights(cls, weights: dict[CostName, float]) -> dict[CostName, float]:
+        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+            raise ValueError("cost_weights must be >= 0 with at least one > 0")
+        return weights
 
 
 class PeftSettings(Section):

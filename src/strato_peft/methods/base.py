@@ -9,6 +9,8 @@ never branches on a method's name (AdaLoRA's ``update_and_allocate`` lives there
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from strato_peft.config.schema import PeftSettings
@@ -23,6 +25,18 @@ class MethodError(Exception):
     """A PEFT setting does not fit the model (unknown module, layer out of range ...)."""
 
 
+@dataclass
+class RunContext:
+    """What a run knows before the adapter is built (for methods that search first)."""
+
+    config: Any
+    task: Any
+    tokenizer: Any
+    folder: Path
+    accelerator: Any
+    fast_dev_run: bool = False
+
+
 class Method:
     """Base class; subclasses implement :meth:`peft_config`."""
 
@@ -33,6 +47,15 @@ class Method:
     def __init__(self, settings: PeftSettings, total_steps: int | None = None) -> None:
         self.settings = settings
         self.total_steps = total_steps
+        self.context: RunContext | None = None
+
+    def setup_run(self, context: RunContext) -> None:
+        """Called by a training run before :meth:`build` (STRATO searches in ``build``)."""
+        self.context = context
+
+    def summary(self) -> dict[str, Any]:
+        """Method-specific results for ``metrics.json`` (key ``method``)."""
+        return {}
 
     # -- to implement -------------------------------------------------------------------
     def peft_config(self, model: PreTrainedModel) -> PeftConfig:

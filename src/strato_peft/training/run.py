@@ -93,6 +93,7 @@ def run_experiment(config: ExperimentConfig, options: RunOptions) -> Path:
     from accelerate.utils import set_seed
 
     from strato_peft.methods import get_method
+    from strato_peft.methods.base import RunContext
     from strato_peft.models import load_model, load_tokenizer
     from strato_peft.platform import select_platform
     from strato_peft.tasks import load_task
@@ -146,6 +147,9 @@ def run_experiment(config: ExperimentConfig, options: RunOptions) -> Path:
         n_train = len(task.train_examples())
         plan = make_plan(n_train, config, accelerator.num_processes)
         method = get_method(config.peft, total_steps=plan.total_steps)
+        method.setup_run(
+            RunContext(config, task, tokenizer, folder, accelerator, options.fast_dev_run)
+        )
         base = load_model(config.model, seed=config.seed)
         if config.training.gradient_checkpointing:
             base.gradient_checkpointing_enable(
@@ -219,6 +223,7 @@ def run_experiment(config: ExperimentConfig, options: RunOptions) -> Path:
                     "plan": trainer.plan.__dict__,
                     "data_source": task.data_source,
                     "fast_dev_run": options.fast_dev_run,
+                    "method": method.summary(),
                 },
             )
             trainer.trackers.log(
