@@ -188,6 +188,70 @@ class StratoSettings(Section):
         return weights
 
 
+StepSpec = int | float
+
+
+class RankScheduleSettings(Section):
+    """Dynamic rank scheduling during training (``docs/rank_schedule.md``).
+
+    Ranks of LoRA modules grow and shrink with real tensor resizing; the total trainable
+    params never exceed those of the initial allocation. Step settings take an int (optimizer
+    steps) or a float in [0, 1) (a fraction of the run's total steps), so one config works
+    for a 4-step ``--fast-dev-run`` and a long run alike.
+    """
+
+    enabled: bool = False
+    warmup: StepSpec = Field(default=0.1, description="No reallocation up to this step.")
+    final_freeze: StepSpec = Field(
+        default=0.2, description="No reallocation in the last steps of the run."
+    )
+    interval: StepSpec = Field(default=0.1, description="Reallocate every N steps after warm-up.")
+    at_steps: list[StepSpec] | None = Field(
+        default=None, description="Explicit reallocation steps (replaces interval)."
+    )
+    importance: Literal["sensitivity", "singular_values"] = "sensitivity"
+    ema_beta: float = Field(default=0.85, ge=0, lt=1)
+    move_fraction: float = Field(
+        default=0.25, gt=0, le=0.5, description="Share of modules that give rank per event."
+    )
+    rank_step: int = Field(default=2, gt=0, description="Rank moved per module per event.")
+    min_rank: int = Field(default=0, ge=0)
+    max_rank: int | None = Field(default=None, gt=0, description="Default: 2 x largest rank.")
+
+    @field_validator("warmup", "final_freeze", "interval")
+    @classmethod
+    def _step_spec(cls, value: StepSpec) -> StepSpec:
+        return _check_step_spec(value)
+
+    @field_validator("at_steps")
+    @classmethod
+    def _step_list(cls, values: list[StepSpec] | None) -> list[StepSpec] | None:
+        if values is not None:
+            if not values:
+                raise ValueError("at_steps must list at least one step (or be null)")
+            for value in values:
+                _check_step_spec(value)
+        return values
+
+    @model_validator(mode="after")
+    def _ranks_ordered(self) -> RankScheduleSettings:
+        if self.max_rank is not None and self.max_rank < max(self.min_rank, 1):
+            raise ValueError(
+                f"max_rank ({self.max_rank}) must be >= min_rank ({self.min_rank}) and >= 1"
+            )
+        return self
+
+
+def _check_step_spec(value: StepSpec) -> StepSpec:
+    if isinstance(value, float) and not 0 <= value < 1:
+        raise ValueError(
+            f"{value} is neither a step count (an int) nor a fraction of the run in [0, 1)"
+        )
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"steps must be >= 0, got {value}")
+    return value
+
+
 class PeftSettings(Section):
     """Which PEFT method and its hyper-parameters."""
 
@@ -203,6 +267,7 @@ class PeftSettings(Section):
     bias: Literal["none", "all", "lora_only"] = "none"
     adalora: AdaLoraSettings = Field(default_factory=AdaLoraSettings)
     strato: StratoSettings = Field(default_factory=StratoSettings)
+    rank_schedule: RankScheduleSettings = Field(default_factory=RankScheduleSettings)
 
     @field_validator("method")
     @classmethod
