@@ -215,7 +215,9 @@ class RankScheduleSettings(Section):
         default=0.25, gt=0, le=0.5, description="Share of modules that give rank per event."
     )
     rank_step: int = Field(default=2, gt=0, description="Rank moved per module per event.")
-    min_rank: int = Field(default=0, ge=0)
+    min_rank: int = Field(
+        default=1, ge=0, description="0 lets a module lose its adapter (LoRA only)."
+    )
     max_rank: int | None = Field(default=None, gt=0, description="Default: 2 x largest rank.")
 
     @field_validator("warmup", "final_freeze", "interval")

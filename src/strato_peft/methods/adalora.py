@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from strato_peft.methods.base import Method, MethodError
+from strato_peft.methods.base import Method, MethodError, StepContext
 
 if TYPE_CHECKING:
     from peft import AdaLoraConfig, PeftModel
@@ -92,7 +92,9 @@ class AdaLoraMethod(Method):
                 terms.append(torch.linalg.norm(cov - eye, ord="fro"))
         return weight * torch.stack(terms).mean() if terms else None
 
-    def on_optimizer_step(self, model: PeftModel, step: int) -> None:
+    def on_optimizer_step(
+        self, model: PeftModel, step: int, context: StepContext | None = None
+    ) -> None:
         # peft's contract: after optimizer.step(), before zero_grad(); the gradients are
         # still there and feed the sensitivity estimate.
         model.base_model.update_and_allocate(step)  # type: ignore[operator]

@@ -4,6 +4,9 @@ A method turns the ``peft`` config section into a ``peft`` model (:meth:`Method.
 and may act during training through :meth:`Method.on_optimizer_step`, a hook the
 training loop calls after *every* optimizer step for *every* method, so that the loop
 never branches on a method's name (AdaLoRA's ``update_and_allocate`` lives there).
+With ``peft.rank_schedule.enabled``, any LoRA-family method (``lora``, ``dora``,
+``strato``) resizes its ranks during training through the same hook
+(:mod:`strato_peft.methods.rank_schedule`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,19 @@ if TYPE_CHECKING:
 
 class MethodError(Exception):
     """A PEFT setting does not fit the model (unknown module, layer out of range ...)."""
+
+
+@dataclass
+class StepContext:
+    """What the loop hands to :meth:`Method.on_optimizer_step` besides the model.
+
+    ``optimizer`` is the torch optimizer (not accelerate's wrapper): a method that
+    resizes parameters resizes their state there, and sets ``resized`` so the loop
+    rebuilds what is bound to parameter shapes (DDP's gradient buckets).
+    """
+
+    optimizer: Any = None
+    resized: bool = False
 
 
 @dataclass
@@ -48,6 +64,8 @@ class Method:
         self.settings = settings
         self.total_steps = total_steps
         self.context: RunContext | None = None
+        self.rank_scheduler: Any = None
+        self._pending_rank_state: dict[str, Any] | None = None
 
     def setup_run(self, context: RunContext) -> None:
         """Called by a training run before :meth:`build` (STRATO searches in ``build``)."""
@@ -55,6 +73,8 @@ class Method:
 
     def summary(self) -> dict[str, Any]:
         """Method-specific results for ``metrics.json`` (key ``method``)."""
+        if self.rank_scheduler is not None:
+            return {"rank_schedule": self.rank_scheduler.summary()}
         return {}
 
     # -- to implement -------------------------------------------------------------------
@@ -69,23 +89,70 @@ class Method:
         self.validate(model)
         config = self.peft_config(model)
         try:
-            return get_peft_model(model, config)
+            peft_model = get_peft_model(model, config)
         except ValueError as exc:
             raise MethodError(f"peft.method={self.name}: {exc}") from None
+        self.attach_rank_schedule(peft_model)
+        return peft_model
 
-    def on_optimizer_step(self, model: PeftModel, step: int) -> None:
-        """Called by the training loop after every optimizer step (``step`` counts from 1)."""
+    def attach_rank_schedule(self, model: PeftModel) -> None:
+        """Start the rank schedule on a built model when ``peft.rank_schedule.enabled``
+        (methods that build their model otherwise call this themselves)."""
+        settings = self.settings.rank_schedule
+        if not settings.enabled or self.total_steps is None:
+            return
+        from strato_peft.methods.rank_schedule import RankScheduler
+
+        seed = self.context.config.seed if self.context is not None else 0
+        try:
+            self.rank_scheduler = RankScheduler(settings, model, self.total_steps, seed=seed)
+        except ValueError as exc:
+            raise MethodError(f"peft.method={self.name}: {exc}") from None
+        if self._pending_rank_state is not None:
+            self.rank_scheduler.load_state_dict(self._pending_rank_state)
+        self._write_rank_history()
+
+    def on_optimizer_step(
+        self, model: PeftModel, step: int, context: StepContext | None = None
+    ) -> None:
+        """Called by the training loop after every optimizer step (``step`` counts from 1),
+        before the gradients are zeroed. The base runs the rank schedule, if any."""
+        self.run_rank_schedule(model, step, context)
+
+    def run_rank_schedule(self, model: PeftModel, step: int, context: StepContext | None) -> None:
+        if self.rank_scheduler is None:
+            return
+        optimizer = context.optimizer if context is not None else None
+        if self.rank_scheduler.on_optimizer_step(model, step, optimizer):
+            if context is not None:
+                context.resized = True
+            self._write_rank_history()
+
+    def _write_rank_history(self) -> None:
+        ctx = self.context
+        if self.rank_scheduler is None or ctx is None:
+            return
+        if ctx.accelerator is None or ctx.accelerator.is_main_process:
+            ctx.folder.mkdir(parents=True, exist_ok=True)
+            self.rank_scheduler.write_history(ctx.folder)
 
     def regularization(self, model: PeftModel) -> Any:
         """An extra loss term added once per optimizer step (``None``: nothing to add)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        """Method state to checkpoint (none by default)."""
+        """Method state to checkpoint (the rank schedule's, if any)."""
+        if self.rank_scheduler is not None:
+            return {"rank_schedule": self.rank_scheduler.state_dict()}
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+        if "rank_schedule" in state:
+            self._pending_rank_state = state["rank_schedule"]
+            if self.rank_scheduler is not None:
+                self.rank_scheduler.load_state_dict(state["rank_schedule"])
+                self._write_rank_history()
 
     def validate(self, model: PreTrainedModel) -> None:
         """Target modules, layers and ``rank_pattern`` keys must all match the model.

@@ -1,6 +1,8 @@
 """Checkpoints of a run: adapter, optimizer, scheduler, RNG states and position.
 
-Only the trainable (adapter) tensors are saved, not the frozen base model, so a
+Only the trainable (adapter) tensors are saved, with the rank of every LoRA module, so
+that a run whose ranks changed during training (``peft.rank_schedule``) is resized to them
+*before* tensors and optimizer state are loaded. Only the trainable (adapter) tensors are saved, not the frozen base model, so a
 checkpoint of a 7B run is megabytes. A checkpoint is written to a temporary folder and
 renamed, so a kill during the write never leaves a checkpoint that looks complete; the
 newest ``keep`` checkpoints are kept.
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from strato_peft.methods.resize import module_ranks, resize_model
 from strato_peft.results import atomic_directory
 
 CHECKPOINTS = "checkpoints"
@@ -77,6 +80,7 @@ def save_checkpoint(
         torch.save(
             {
                 "adapter": trainable_state(model),
+                "ranks": module_ranks(model),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "training": state.__dict__,
@@ -109,6 +113,12 @@ def load_checkpoint(
         data = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as exc:  # a corrupt file is reported, not a traceback
         raise ValueError(f"checkpoint {path / STATE_FILE} cannot be read: {exc}") from None
+    ranks = data.get("ranks") or {}
+    if ranks and ranks != module_ranks(model):
+        try:
+            resize_model(model, ranks)
+        except ValueError as exc:
+            raise ValueError(f"checkpoint {path} does not fit this model: {exc}") from None
     params = dict(model.named_parameters())
     missing = [name for name in data["adapter"] if name not in params]
     if missing:

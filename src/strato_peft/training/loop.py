@@ -5,7 +5,10 @@ the sum of next-token cross-entropy over answer tokens divided by the number of 
 tokens in the whole optimizer step (all micro-batches, all processes), so a run with
 one process and batch 2B gets the same gradients as two processes with batch B.
 Methods act during training only through :meth:`Method.on_optimizer_step` and
-:meth:`Method.regularization`; the loop never asks which method it runs.
+:meth:`Method.regularization`; the loop never asks which method it runs. A method that
+changes parameter shapes in the hook (the rank schedule) says so in the
+:class:`StepContext`, and the loop rebuilds the DDP wrapper, whose gradient buckets are
+bound to shapes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any
 import torch
 
 from strato_peft.config.schema import ExperimentConfig
+from strato_peft.methods.base import StepContext
+from strato_peft.methods.resize import module_ranks
 from strato_peft.training.checkpoint import (
     TrainingState,
     latest_checkpoint,
@@ -133,13 +138,17 @@ class Trainer:
         path = latest_checkpoint(self.folder)
         if path is None:
             return False
+        model = self.accelerator.unwrap_model(self.model)
+        ranks = module_ranks(model)
         self.state, method_state = load_checkpoint(
             path,
-            model=self.accelerator.unwrap_model(self.model),
+            model=model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             process_index=self.accelerator.process_index,
         )
+        if module_ranks(model) != ranks:
+            self._rewrap_model()
         self.method.load_state_dict(method_state)
         log.info(
             "resumed from %s (step %d of %d)", path.name, self.state.step, self.plan.total_steps
@@ -214,10 +223,37 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.state.step += 1
-        self.method.on_optimizer_step(acc.unwrap_model(self.model), self.state.step)
+        context = StepContext(optimizer=getattr(self.optimizer, "optimizer", self.optimizer))
+        self.method.on_optimizer_step(acc.unwrap_model(self.model), self.state.step, context)
         self.optimizer.zero_grad(set_to_none=True)
+        if context.resized:
+            self._rewrap_model()
         loss_total = acc.reduce(loss_sum_local, reduction="sum")
         return float(loss_total.item()) / total_tokens, total_tokens
+
+    def _rewrap_model(self) -> None:
+        """Rebuild the DDP wrapper after parameter shapes changed (a no-op without DDP)."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        old = self.model
+        if not isinstance(old, DDP):
+            return
+        new = DDP(
+            old.module,
+            device_ids=old.device_ids,
+            output_device=old.output_device,
+            broadcast_buffers=old.broadcast_buffers,
+            find_unused_parameters=old.find_unused_parameters,
+            bucket_cap_mb=old.bucket_bytes_cap / (1024 * 1024),
+            gradient_as_bucket_view=old.gradient_as_bucket_view,
+            static_graph=old.static_graph,
+        )
+        models = getattr(self.accelerator, "_models", [])
+        for index, model in enumerate(models):
+            if model is old:
+                models[index] = new
+        self.model = new
+        del old
 
     @torch.no_grad()
     def evaluate_loss(self) -> float:

@@ -191,6 +191,8 @@ def run_experiment(config: ExperimentConfig, options: RunOptions) -> Path:
         # -- save ----------------------------------------------------------------------------
         if main:
             history = trainer.state.history
+            # The rank schedule resizes adapters: report what the final adapter holds.
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             final["train_loss"] = history[-1]["loss"] if history else None
             wall = time.perf_counter() - start
             atomic_write_json(
@@ -289,5 +291,7 @@ def _remove(path: Path) -> None:
 
 def _save_adapter(model: Any, target: Path) -> None:
     """``save_pretrained`` into a temporary folder, then rename (never half an adapter)."""
+    from strato_peft.methods.resize import save_adapter
+
     with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp)
+        save_adapter(model, tmp)
