@@ -1,25 +1,48 @@
 """STRATO: a PPO controller allocates per-module LoRA ranks under a cost budget.
 
-The search lands with its own issue; until then the method validates its settings and
-the dry run reports the reference LoRA configuration its budget is relative to.
+``build`` runs the search (:mod:`strato_peft.strato`) on the base model before the
+final training, then returns a plain ``peft`` LoRA whose ``target_modules`` are the
+adapted modules and whose ``rank_pattern`` holds their ranks, so the saved adapter
+loads without this package. The controls (``peft.strato.control``) skip the search:
+
+* ``uniform``: LoRA on the reference's module types in every layer, at the rank whose
+  params are closest to the found allocation's (``control_from``) or to the budget;
+* ``random``: a random feasible allocation under the same hard budget (seeded).
+
+A finished search is not repeated: a run that resumes (or a second run in the same
+folder) reads ``allocation.json``; an interrupted search resumes from its archive.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from strato_peft.methods.base import Method, MethodError
 
 if TYPE_CHECKING:
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from transformers import PreTrainedModel
+
+    from strato_peft.strato.space import SearchSpace
+
+log = logging.getLogger(__name__)
 
 
 class StratoMethod(Method):
-    """Placeholder that knows its reference; training raises a clear error."""
+    """Search, then train the found allocation as a LoRA with ``rank_pattern``."""
 
     name = "strato"
     static_allocation = False
+
+    def __init__(self, settings: Any, total_steps: int | None = None) -> None:
+        super().__init__(settings, total_steps)
+        self.allocation: dict[str, int] | None = None
+        self._summary: dict[str, Any] = {}
 
     def reference_config(self) -> LoraConfig:
         """The uniform LoRA that STRATO's budget (``peft.strato.budget``) is relative to."""
@@ -32,8 +55,243 @@ class StratoMethod(Method):
         )
         return LoraConfig(**kwargs)
 
-    def peft_config(self, model: PreTrainedModel) -> LoraConfig:
-        raise MethodError(
-            "peft.method=strato: the allocation search is not implemented yet (issue #6); "
-            "use --dry-run to see the reference LoRA and the budget, or peft.method=lora"
+    # -- allocation ----------------------------------------------------------------------
+    def space(self, model: PreTrainedModel) -> SearchSpace:
+        from strato_peft.costs import Architecture
+        from strato_peft.strato.space import build_space
+
+        s = self.settings.strato
+        ctx = self.context
+        batch = ctx.config.training.batch_size if ctx else 1
+        seq_len = ctx.config.task.max_length if ctx else 512
+        try:
+            return build_space(
+                Architecture.from_hf_config(model.config), s,
+                reference_rank=s.reference.rank, reference_modules=s.reference.target_modules,
+                batch_size=batch, seq_len=seq_len, lora_dropout=self.settings.dropout,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise MethodError(f"peft.method=strato: {exc}") from None
+
+    def choose_allocation(self, model: PreTrainedModel) -> dict[str, int]:
+        """Run (or resume, or reuse) the search, or draw a control allocation."""
+        from strato_peft.strato.search import ALLOCATION_FILE, SEARCH_FILE
+
+        s = self.settings.strato
+        space = self.space(model)
+        ctx = self.context
+        seed = ctx.config.seed if ctx else 0
+        if s.control == "uniform":
+            return self._uniform(space)
+        if s.control == "random":
+            ranks = _random_ranks(space, seed)
+            allocation = space.to_dict(ranks)
+            self._summary["control"] = {"kind": "random", "seed": seed}
+            return allocation
+        if ctx is None:
+            raise MethodError(
+                "peft.method=strato searches inside a training run (strato-peft run); "
+                "a bare build() has no task data to evaluate allocations on"
+            )
+        folder = ctx.folder
+        done = _read_json(folder / SEARCH_FILE)
+        found = _read_json(folder / ALLOCATION_FILE)
+        if done.get("complete") and isinstance(found, dict) and found:
+            log.info("search already complete in %s: reusing %s", folder, ALLOCATION_FILE)
+            self._summary["search"] = _search_summary(done)
+            return {str(k): int(v) for k, v in found.items()}
+        accelerator = ctx.accelerator
+        if accelerator.is_main_process:
+            outcome = self._search(model, space)
+            self._summary["search"] = _search_summary(outcome.summary)
+        accelerator.wait_for_everyone()
+        allocation = _read_json(folder / ALLOCATION_FILE)
+        if not allocation:
+            raise MethodError(f"the STRATO search wrote no allocation to {folder}")
+        if not accelerator.is_main_process:
+            self._summary["search"] = _search_summary(_read_json(folder / SEARCH_FILE))
+        return {str(k): int(v) for k, v in allocation.items()}
+
+    def _search(self, model: PreTrainedModel, space: SearchSpace) -> Any:
+        from strato_peft.strato.evaluator import RealEvaluator
+        from strato_peft.strato.search import Search
+        from strato_peft.training.data import encode_examples
+
+        ctx = self.context
+        assert ctx is not None
+        cfg, task, s = ctx.config, ctx.task, self.settings.strato
+        t = cfg.training
+        train = encode_examples(task, task.train_examples(), ctx.tokenizer, cfg.task.max_length)
+        held = encode_examples(
+            task, task.eval_examples()[: s.search.eval_examples], ctx.tokenizer, cfg.task.max_length
         )
+        steps = s.search.steps_per_evaluation
+        evaluator = RealEvaluator(
+            model, train, held, steps=steps, batch_size=t.batch_size,
+            eval_batch_size=t.eval_batch_size or t.batch_size,
+            grad_accum=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+            weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
+            lr_scheduler=t.lr_scheduler, max_grad_norm=t.max_grad_norm,
+            lora_alpha=self.settings.alpha, lora_dropout=self.settings.dropout,
+            use_rslora=self.settings.use_rslora, seed=cfg.seed,
+            device=ctx.accelerator.device, pad_token_id=ctx.tokenizer.pad_token_id,
+        )  # fmt: skip
+        protocol = _protocol(cfg, len(train), len(held))
+        search = Search(space, evaluator, s, ctx.folder, seed=cfg.seed, protocol=protocol)
+        return search.run()
+
+    def _uniform(self, space: SearchSpace) -> dict[str, int]:
+        from strato_peft.costs import uniform_allocation
+
+        s = self.settings.strato
+        per_rank = space.params(
+            space.to_ranks(uniform_allocation(space.arch, 1, s.reference.target_modules))
+        )
+        if s.control_from:
+            found = _read_json(Path(s.control_from) / "allocation.json")
+            if not found:
+                raise MethodError(
+                    f"peft.strato.control_from: no allocation.json in {s.control_from} "
+                    "(give the folder of a finished STRATO run)"
+                )
+            target = sum(
+                r * (slot.d_in + slot.d_out)
+                for slot in space.slots
+                for name, r in found.items()
+                if slot.name == name
+            )
+            origin = f"allocation of {s.control_from}"
+        else:
+            cap = s.budget.params or 1.0
+            target = int(cap * space.reference_report.trainable_params)
+            origin = f"params budget {cap:g} x reference"
+        rank = max(1, round(target / per_rank))
+        self._summary["control"] = {
+            "kind": "uniform", "target_params": target, "rank": rank, "target_from": origin,
+        }  # fmt: skip
+        return uniform_allocation(space.arch, rank, s.reference.target_modules)
+
+    # -- Method API ------------------------------------------------------------------------
+    def build(self, model: PreTrainedModel) -> PeftModel:
+        import torch
+        from peft import get_peft_model
+
+        self.validate_strato(model)
+        allocation = self.choose_allocation(model)
+        self.allocation = allocation
+        space = self.space(model)
+        ranks = space.to_ranks(allocation) if self.settings.strato.control == "none" else None
+        fractions = (
+            space.fractions(ranks, memory=True)
+            if ranks is not None
+            else _fractions_free(space, allocation)
+        )
+        self._summary["allocation"] = {
+            "adapted_modules": len(allocation),
+            "rank_total": sum(allocation.values()),
+            "cost_fractions": fractions,
+        }
+        log.info(
+            "STRATO allocation: %d modules, params %.3fx and training FLOPs %.3fx of the reference",
+            len(allocation), fractions["params"], fractions["flops"],
+        )  # fmt: skip
+        if self.context is not None:
+            from strato_peft.results import atomic_write_json
+
+            if self.context.accelerator.is_main_process:
+                atomic_write_json(self.context.folder / "allocation.json", allocation)
+            torch.manual_seed(self.context.config.seed)
+        return get_peft_model(model, self.allocation_config(allocation))
+
+    def allocation_config(self, allocation: dict[str, int]) -> LoraConfig:
+        """A plain peft LoRA for ``allocation``: exact module names, ranks in rank_pattern."""
+        from peft import LoraConfig
+
+        if not allocation:
+            raise MethodError("the STRATO allocation adapts no module")
+        names = sorted(allocation)
+        ranks = [allocation[n] for n in names]
+        default = max(set(ranks), key=ranks.count)
+        kwargs = self.lora_kwargs()
+        kwargs.update(
+            r=default,
+            target_modules=names,
+            layers_to_transform=None,
+            rank_pattern={n: r for n, r in allocation.items() if r != default},
+            alpha_pattern={},
+        )
+        return LoraConfig(**kwargs)
+
+    def peft_config(self, model: PreTrainedModel) -> LoraConfig:
+        if self.allocation is None:
+            raise MethodError("peft.method=strato: build() chooses the allocation first")
+        return self.allocation_config(self.allocation)
+
+    def validate_strato(self, model: PreTrainedModel) -> None:
+        linear = {
+            n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"
+        }
+        s = self.settings.strato
+        for field, modules in (
+            ("module_types", s.module_types),
+            ("reference.target_modules", s.reference.target_modules),
+        ):
+            missing = [m for m in modules if m not in linear]
+            if missing:
+                raise MethodError(
+                    f"peft.strato.{field}: {missing} match no linear module of the model "
+                    f"(module types: {', '.join(sorted(linear))})"
+                )
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self._summary)
+
+
+def _random_ranks(space: SearchSpace, seed: int) -> list[int]:
+    from strato_peft.strato.search import random_allocation
+
+    return random_allocation(space, random.Random(f"strato-random-{seed}"))
+
+
+def _fractions_free(space: SearchSpace, allocation: dict[str, int]) -> dict[str, float]:
+    """Cost fractions of an allocation whose ranks need not be on the menu (controls)."""
+    ref = space.reference_report
+    report = space.report(allocation)
+    return {
+        "params": report.trainable_params / ref.trainable_params,
+        "flops": report.train_flops_per_token / ref.train_flops_per_token,
+        "memory": report.memory_bytes / ref.memory_bytes,
+    }
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _search_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "real_evaluations", "search_wall_time_s", "evaluation_wall_time_s", "stop_reason",
+        "policy", "base_loss", "reference_loss", "best", "lambda",
+    )  # fmt: skip
+    return {k: summary.get(k) for k in keys}
+
+
+def _protocol(config: Any, n_train: int, n_held: int) -> str:
+    """Fingerprint of what a real evaluation measures (the archive's key prefix)."""
+    s = config.peft.strato
+    t = config.training
+    fields = {
+        "model": config.model.model_dump(mode="json"),
+        "task": config.task.model_dump(mode="json"),
+        "n_train": n_train,
+        "n_held_out": n_held,
+        "steps": s.search.steps_per_evaluation,
+        "batch": [t.batch_size, t.gradient_accumulation_steps],
+        "lr": [t.learning_rate, t.weight_decay, t.warmup_ratio, t.lr_scheduler, t.max_grad_norm],
+        "lora": [config.peft.alpha, config.peft.dropout, config.peft.use_rslora],
+        "seed": config.seed,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
