@@ -82,7 +82,8 @@ class GSM8KTask(Task):
     subsets: ClassVar[dict[str, str]] = {
         "easy": f"problems whose solution has at most {EASY_MAX_STEPS} calculator annotations"
     }
-    max_new_tokens: ClassVar[int] = 256
+    max_new_tokens: int = 256
+    """Generation cap (``task.max_new_tokens`` overrides it)."""
     packaged_sizes: ClassVar[dict[str, tuple[int, int]]] = {
         "train": (2000, 42),
         "test": (500, 4242),
@@ -91,6 +92,8 @@ class GSM8KTask(Task):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
+        if cfg.max_new_tokens is not None:
+            self.max_new_tokens = cfg.max_new_tokens
         self.last_predictions: list[dict[str, Any]] = []
 
     def offline_hint(self) -> str:

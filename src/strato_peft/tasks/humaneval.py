@@ -73,7 +73,7 @@ class HumanEvalTask(Task):
         super().__init__(cfg)
         self.num_samples = 1
         self.temperature = 0.2
-        self.max_new_tokens = 512
+        self.max_new_tokens = cfg.max_new_tokens or 512
         self.limits = SandboxLimits()
         self.workers = max(1, min(8, os.cpu_count() or 1))
         self.last_predictions: list[dict[str, Any]] = []
