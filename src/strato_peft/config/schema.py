@@ -302,6 +302,9 @@ class TaskConfig(Section):
     limit: int | None = Field(default=None, gt=0)
     eval_limit: int | None = Field(default=None, gt=0)
     num_fewshot: int | None = Field(default=None, ge=0)
+    max_new_tokens: int | None = Field(
+        default=None, gt=0, description="Generation cap of generative tasks (GSM8K, HumanEval)."
+    )
     final_eval: bool = Field(
         default=True, description="Run the task's evaluator (accuracy, pass@k ...) after training."
     )
