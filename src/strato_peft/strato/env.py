@@ -60,6 +60,7 @@ class AllocationEnv(gym.Env[np.ndarray, np.int64]):
         self.queue: list[int] = []
         self.position = 0
         self.phi = 0.0
+        self._fractions: dict[str, float] = {"params": 0.0, "flops": 0.0}
 
     # -- helpers -------------------------------------------------------------------------
     def potential(self, ranks: Sequence[int]) -> float:
@@ -73,7 +74,7 @@ class AllocationEnv(gym.Env[np.ndarray, np.int64]):
             slot = self.queue[self.position]
             obs[: self._static.shape[1]] = self._static[slot]
             obs[-5] = self.surrogate.slot_gain(slot, max(self.space.rank_menu))
-        fractions = self.space.fractions(self.ranks, memory=False)
+        fractions = self._fractions
         obs[-6] = self.position / max(len(self.queue), 1)
         obs[-4] = fractions["params"]
         obs[-3] = fractions["flops"]
@@ -103,6 +104,7 @@ class AllocationEnv(gym.Env[np.ndarray, np.int64]):
             self.queue = list(self.order)
         self.position = 0
         self.phi = self.potential(self.ranks)
+        self._fractions = self.space.fractions(self.ranks, memory=False)
         return self._obs(), {}
 
     def action_masks(self) -> np.ndarray:
@@ -120,8 +122,9 @@ class AllocationEnv(gym.Env[np.ndarray, np.int64]):
         self.ranks[slot] = self.space.rank_menu[index]
         self.position += 1
         before = self.phi
-        if self.ranks[slot]:
+        if self.ranks[slot]:  # costs and potential change only when a rank is given
             self.phi = self.potential(self.ranks)
+            self._fractions = self.space.fractions(self.ranks, memory=False)
         done = self.position >= len(self.queue)
         info = {"ranks": list(self.ranks)} if done else {}
         return self._obs(), float(self.phi - before), done, False, info

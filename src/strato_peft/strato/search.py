@@ -17,10 +17,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,16 +50,24 @@ class SearchOutcome:
     summary: dict[str, Any]
 
 
-def build_policy(env: AllocationEnv, settings: Any, seed: int) -> Any:
-    """MaskablePPO (sb3-contrib) with a small MLP; at most 0.5M parameters (checked)."""
-    from sb3_contrib import MaskablePPO
+POLICY_ENVS = 8
 
-    n_steps = max(64, min(2048, settings.policy_timesteps))
+
+def build_policy(envs: list[AllocationEnv], settings: Any, seed: int) -> Any:
+    """MaskablePPO (sb3-contrib) with a small MLP; at most 0.5M parameters (checked).
+
+    The environments step in lockstep (one batched policy forward per step for all).
+    """
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    vec = DummyVecEnv([lambda env=env: env for env in envs])  # type: ignore[misc]
+    n_steps = max(16, min(2048, settings.policy_timesteps) // len(envs))
     policy = MaskablePPO(
         "MlpPolicy",
-        env,
+        vec,
         n_steps=n_steps,
-        batch_size=min(64, n_steps),
+        batch_size=min(64, n_steps * len(envs)),
         n_epochs=4,
         gamma=1.0,
         gae_lambda=0.95,
@@ -77,6 +86,32 @@ def build_policy(env: AllocationEnv, settings: Any, seed: int) -> Any:
 
 def policy_parameter_count(policy: Any) -> int:
     return sum(p.numel() for p in policy.policy.parameters())
+
+
+def sample_episodes(
+    env: AllocationEnv, policy: Any, count: int, options: list[dict[str, Any] | None]
+) -> list[list[int]]:
+    """``count`` stochastic policy episodes, batched: every step is one policy forward.
+
+    Episodes run in lockstep on copies of ``env``; those given ``options`` (returns to an
+    elite) must all re-decide the same number of slots, so they end together.
+    """
+    import copy
+
+    import torch
+
+    envs = [copy.copy(env) for _ in range(count)]
+    obs = np.stack([e.reset(options=o)[0] for e, o in zip(envs, options, strict=True)])
+    steps = len(envs[0].queue)
+    with torch.no_grad():
+        for _ in range(steps):
+            masks = np.stack([e.action_masks() for e in envs])
+            dist = policy.policy.get_distribution(
+                torch.as_tensor(obs, dtype=torch.float32), action_masks=masks
+            )
+            actions = dist.get_actions(deterministic=False).cpu().numpy()
+            obs = np.stack([e.step(int(a))[0] for e, a in zip(envs, actions, strict=True)])
+    return [list(e.ranks) for e in envs]
 
 
 def sample_episode(
@@ -160,6 +195,14 @@ class Search:
         ranks = self.space.to_ranks(e.allocation)
         return self.score(e.eval_loss) - self.lam * self.space.normalised_cost(ranks)
 
+    def within_budget(self, e: Evaluation) -> bool:
+        """A shared archive (``search.archive_path``) or a resumed one whose budget was
+        changed can hold allocations over this run's budget: never return to or pick them."""
+        return self.space.feasible(self.space.to_ranks(e.allocation))
+
+    def _elite_objective(self, e: Evaluation) -> float:
+        return self.objective(e) if self.within_budget(e) else -float("inf")
+
     # -- evaluations ---------------------------------------------------------------------
     def _evaluate(self, ranks: Sequence[int], source: str, candidate: bool = True) -> Evaluation:
         allocation = self.space.to_dict(ranks)
@@ -202,10 +245,10 @@ class Search:
         surrogate = Surrogate(
             self.space.slots, sensitivity, self.space.to_ranks(self.space.reference)
         )
-        # PPO steps its own copy (its vector wrapper resets it); proposals use the other
-        train_env = AllocationEnv(self.space, surrogate, self.lam)
+        # PPO steps its own copies (its vector wrapper resets them); proposals use another
+        train_envs = [AllocationEnv(self.space, surrogate, self.lam) for _ in range(POLICY_ENVS)]
         env = AllocationEnv(self.space, surrogate, self.lam)
-        policy = build_policy(train_env, self.search, self.seed)
+        policy = build_policy(train_envs, self.search, self.seed)
         n_policy = policy_parameter_count(policy)
         log.info("STRATO policy: MaskablePPO, %s parameters", f"{n_policy:,}")
         budget = self.search.evaluations
@@ -221,9 +264,11 @@ class Search:
                     stop_reason = f"wall-time cap {cap:g} s"
                     break
                 self._fit(surrogate)
-                train_env.phi = train_env.potential(train_env.ranks)
-                policy.learn(self.search.policy_timesteps, reset_num_timesteps=False)
-                ranks, source = self._propose(env, policy)
+                for train_env in train_envs:  # the surrogate changed under them
+                    train_env.phi = train_env.potential(train_env.ranks)
+                with _one_thread():  # tiny tensors: threads only add synchronisation
+                    policy.learn(self.search.policy_timesteps, reset_num_timesteps=False)
+                    ranks, source = self._propose(env, policy)
                 if ranks is None:
                     stop_reason = "no unseen feasible allocation left to propose"
                     break
@@ -250,10 +295,14 @@ class Search:
         )
 
     def _propose(self, env: AllocationEnv, policy: Any) -> tuple[list[int] | None, str]:
-        elites = self.archive.elites(self.objective)
+        elites = {
+            cell: e
+            for cell, e in self.archive.elites(self._elite_objective).items()
+            if self.within_budget(e)
+        }
         explore = bool(elites) and self.rng.random() < self.search.explore_fraction
         source = "explore" if explore else "policy"
-        proposals: list[list[int]] = []
+        options_list: list[dict[str, Any] | None] = []
         for _ in range(self.search.candidates):
             options = None
             if explore:
@@ -264,7 +313,8 @@ class Search:
                 elite = self.space.to_ranks(elites[cell].allocation)
                 k = max(2, len(self.space.slots) // 10)
                 options = {"start": elite, "slots": self.rng.sample(range(len(elite)), k)}
-            proposals.append(sample_episode(env, policy, self.rng, options))
+            options_list.append(options)
+        proposals = sample_episodes(env, policy, len(options_list), options_list)
         ranked = sorted(proposals, key=lambda r: -env.potential(r))
         seen_hits: set[str] = set()
         for ranks in ranked:
@@ -309,6 +359,7 @@ class Search:
                     "source": e.source,
                     "resumed": e.hash in previous,
                     "candidate": e.extra.get("candidate", True),
+                    "within_budget": self.space.feasible(ranks),
                     "eval_loss": e.eval_loss,
                     "score": self.score(e.eval_loss),
                     "normalised_cost": self.space.normalised_cost(ranks),
@@ -324,7 +375,7 @@ class Search:
                     "allocation": e.allocation,
                 }
             )
-        candidates = [r for r in rows if r["candidate"] and r["allocation"]]
+        candidates = [r for r in rows if r["candidate"] and r["allocation"] and r["within_budget"]]
         if not candidates:
             raise RuntimeError(
                 "the STRATO search made no real evaluation of a candidate allocation "
@@ -362,6 +413,18 @@ class Search:
         _plot_pareto(points, pareto, self.folder / "pareto.png")
         self.archive.close()
         return SearchOutcome(dict(best["allocation"]), summary)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def env_visits(archive: Archive, cell: tuple[int, int]) -> int:

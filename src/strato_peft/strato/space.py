@@ -55,6 +55,13 @@ class SearchSpace:
         self._ref = self.report(self.reference)
         self._flops_cache: dict[tuple[tuple[int, int], ...], float] = {}
         self._slot_params = [s.d_in + s.d_out for s in self.slots]
+        if not self.feasible([0] * len(self.slots)):
+            # the frozen model's forward (and the loss) cost FLOPs even with no adapter
+            empty = self.fractions([0] * len(self.slots), memory=False)
+            raise ValueError(
+                f"budget {self.budget} is below the cost of the model with no adapter "
+                f"({empty['flops']:.3f}x the reference's training FLOPs): no allocation fits"
+            )
 
     # -- conversions -------------------------------------------------------------------
     def to_dict(self, ranks: Sequence[int]) -> Allocation:
@@ -186,6 +193,15 @@ def build_space(
     if unknown:
         raise ValueError(
             f"peft.strato.module_types: unknown {unknown}; known: {', '.join(costs.MODULE_TYPES)}"
+        )
+    missing = [m for m in reference_modules if m not in settings.module_types]
+    if missing or reference_rank not in settings.rank_menu:
+        # the search anchors its scores on a real evaluation of the reference: it must be
+        # an allocation of the space
+        raise ValueError(
+            f"the reference (rank {reference_rank} on {list(reference_modules)}) is not in the "
+            f"search space: rank_menu {list(settings.rank_menu)}, module_types "
+            f"{list(settings.module_types)}"
         )
     slots = costs.adaptable_slots(arch, tuple(settings.module_types))
     reference = costs.uniform_allocation(arch, reference_rank, reference_modules)
