@@ -65,7 +65,9 @@ class RankScheduler:
                 f"peft.rank_schedule needs >= 2 resizable LoRA modules, the model has {len(layers)}"
                 " (AdaLoRA's layers are not resizable: it masks ranks itself)"
             )
-        if settings.min_rank == 0 and any(layer.use_dora.get("default") for layer in layers.values()):
+        if settings.min_rank == 0 and any(
+            layer.use_dora.get("default") for layer in layers.values()
+        ):
             raise ValueError("peft.rank_schedule.min_rank must be >= 1 for DoRA")
         self.initial = module_ranks(model)
         self.unit_cost = {name: rank_cost(layer) for name, layer in layers.items()}
@@ -126,7 +128,10 @@ class RankScheduler:
             if a.shape[0] == 0:
                 out[name] = 0.0
                 continue
-            core = torch.linalg.qr(b.detach().double())[1] @ torch.linalg.qr(a.detach().double().T)[1].T
+            core = (
+                torch.linalg.qr(b.detach().double())[1]
+                @ torch.linalg.qr(a.detach().double().T)[1].T
+            )
             out[name] = float(torch.linalg.svdvals(core).mean()) * layer.scaling["default"]
         return out
 

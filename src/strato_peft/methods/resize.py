@@ -57,9 +57,13 @@ def lora_layers(model: nn.Module, adapter: str = ADAPTER) -> Iterator[tuple[str,
     (``lora_A`` a ``ParameterDict``) are not resizable and are skipped."""
     for name, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)
-        if isinstance(lora_a, nn.ModuleDict) and adapter in lora_a:
-            if isinstance(lora_a[adapter], nn.Linear) and hasattr(module, "r"):
-                yield name.removeprefix(_PREFIX), module
+        if (
+            isinstance(lora_a, nn.ModuleDict)
+            and adapter in lora_a
+            and isinstance(lora_a[adapter], nn.Linear)
+            and hasattr(module, "r")
+        ):
+            yield name.removeprefix(_PREFIX), module
 
 
 def module_ranks(model: nn.Module, adapter: str = ADAPTER) -> dict[str, int]:
@@ -106,7 +110,9 @@ def resize_layer(
                 raise ValueError(f"growing a LoRA layer initialised with {init!r} is not supported")
             extra = extra.to(a_param)
             new_a = torch.cat([a_param.data, extra], 0)
-            new_b = torch.cat([b_param.data, b_param.new_zeros(b_param.shape[0], new_rank - old)], 1)
+            new_b = torch.cat(
+                [b_param.data, b_param.new_zeros(b_param.shape[0], new_rank - old)], 1
+            )
             _pad_state(optimizer, a_param, new_rank - old, dim=0)
             _pad_state(optimizer, b_param, new_rank - old, dim=1)
         else:
@@ -222,9 +228,14 @@ def resize_model(
     order = sorted(ranks, key=lambda n: (ranks[n] > current[n], n))
     done = [
         resize_layer(
-            layers[n], ranks[n], name=n, adapter=adapter, optimizer=optimizer,
-            generator=generator, init=init,
-        )  # fmt: skip
+            layers[n],
+            ranks[n],
+            name=n,
+            adapter=adapter,
+            optimizer=optimizer,
+            generator=generator,
+            init=init,
+        )
         for n in order
         if ranks[n] != current[n]
     ]
@@ -237,7 +248,7 @@ def sync_peft_config(model: nn.Module, adapter: str = ADAPTER) -> None:
     """Make ``model.peft_config`` describe the actual shapes: ``rank_pattern`` and
     ``alpha_pattern`` per module (full names) where they differ from ``r``/``lora_alpha``,
     and rank-0 modules in ``exclude_modules``, so plain peft loads the saved adapter."""
-    config = model.peft_config[adapter]  # type: ignore[index]
+    config: Any = model.peft_config[adapter]  # type: ignore[index]
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     excluded: list[str] = []

@@ -206,18 +206,9 @@ class Trainer:
         loss_sum_local = torch.zeros((), device=acc.device)
         for index, batch in enumerate(window):
             last = index == len(window) - 1
-            context = acc.no_sync(self.model) if not last else contextlib.nullcontext()
-            with context:
-                out = self.model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                )
-                loss_sum, _ = token_loss_sum(out.logits, batch["labels"])
-                loss = loss_sum * scale
-                extra = self.method.regularization(acc.unwrap_model(self.model))
-                if extra is not None:
-                    loss = loss + extra / len(window)
-                acc.backward(loss)
-            loss_sum_local += loss_sum.detach()
+            sync = acc.no_sync(self.model) if not last else contextlib.nullcontext()
+            with sync:
+                loss_sum_local += self._backward(batch, scale, len(window))
         if self.config.training.max_grad_norm is not None:
             acc.clip_grad_norm_(self.model.parameters(), self.config.training.max_grad_norm)
         self.optimizer.step()
@@ -231,29 +222,56 @@ class Trainer:
         loss_total = acc.reduce(loss_sum_local, reduction="sum")
         return float(loss_total.item()) / total_tokens, total_tokens
 
+    def _backward(self, batch: dict[str, torch.Tensor], scale: float, n_micro: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its (detached) loss sum.
+
+        A function of its own so that the autograd graph (which holds the parameters'
+        gradient accumulators) is gone when the method's hook may resize parameters.
+        """
+        acc = self.accelerator
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss_sum, _ = token_loss_sum(out.logits, batch["labels"])
+        loss = loss_sum * scale
+        extra = self.method.regularization(acc.unwrap_model(self.model))
+        if extra is not None:
+            loss = loss + extra / n_micro
+        acc.backward(loss)
+        return loss_sum.detach()
+
     def _rewrap_model(self) -> None:
-        """Rebuild the DDP wrapper after parameter shapes changed (a no-op without DDP)."""
+        """Rebuild the DDP wrapper after parameter shapes changed (a no-op without DDP).
+
+        The old wrapper's reducer holds the parameters' gradient accumulators, which carry
+        the old shapes; it must be gone before the new wrapper takes fresh ones.
+        """
+        import gc
+
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         old = self.model
         if not isinstance(old, DDP):
             return
-        new = DDP(
-            old.module,
-            device_ids=old.device_ids,
-            output_device=old.output_device,
-            broadcast_buffers=old.broadcast_buffers,
-            find_unused_parameters=old.find_unused_parameters,
-            bucket_cap_mb=old.bucket_bytes_cap / (1024 * 1024),
-            gradient_as_bucket_view=old.gradient_as_bucket_view,
-            static_graph=old.static_graph,
-        )
+        module = old.module
+        kwargs: dict[str, Any] = {
+            "device_ids": old.device_ids,
+            "output_device": old.output_device,
+            "find_unused_parameters": old.find_unused_parameters,
+            "bucket_cap_mb": old.bucket_bytes_cap / (1024 * 1024),
+            "gradient_as_bucket_view": old.gradient_as_bucket_view,
+            "static_graph": old.static_graph,
+        }
+        if not old.broadcast_buffers:
+            kwargs["broadcast_buffers"] = False
         models = getattr(self.accelerator, "_models", [])
-        for index, model in enumerate(models):
-            if model is old:
-                models[index] = new
-        self.model = new
+        index = next((i for i, m in enumerate(models) if m is old), None)
+        self.model = module
         del old
+        if index is not None:
+            models[index] = module
+        gc.collect()
+        self.model = DDP(module, **kwargs)
+        if index is not None:
+            models[index] = self.model
 
     @torch.no_grad()
     def evaluate_loss(self) -> float:
