@@ -141,11 +141,12 @@ class StratoMethod(Method):
         return search.run()
 
     def _uniform(self, space: SearchSpace) -> dict[str, int]:
-        from strato_peft.costs import uniform_allocation
+        from strato_peft.costs import trainable_params, uniform_allocation
 
         s = self.settings.strato
-        per_rank = space.params(
-            space.to_ranks(uniform_allocation(space.arch, 1, s.reference.target_modules))
+        # priced by the cost model, not the space: rank 1 need not be on the rank menu
+        per_rank = trainable_params(
+            space.arch, uniform_allocation(space.arch, 1, s.reference.target_modules)
         )
         if s.control_from:
             found = _read_json(Path(s.control_from) / "allocation.json")
@@ -154,12 +155,7 @@ class StratoMethod(Method):
                     f"peft.strato.control_from: no allocation.json in {s.control_from} "
                     "(give the folder of a finished STRATO run)"
                 )
-            target = sum(
-                r * (slot.d_in + slot.d_out)
-                for slot in space.slots
-                for name, r in found.items()
-                if slot.name == name
-            )
+            target = trainable_params(space.arch, found)
             origin = f"allocation of {s.control_from}"
         else:
             cap = s.budget.params or 1.0
