@@ -384,3 +384,31 @@ def test_resume_after_a_resize_ends_like_an_uninterrupted_run(
     assert json.loads((folder / "rank_history.json").read_text()) == json.loads(
         (expected_folder / "rank_history.json").read_text()
     )
+
+
+def test_rank_plots_from_a_history(tmp_path: Path) -> None:
+    from strato_peft.analysis.plots import (
+        load_rank_history,
+        rank_history_heatmap,
+        rank_matrix,
+        rank_over_steps,
+    )
+
+    history = {
+        "0": {"model.layers.0.self_attn.q_proj": 8, "model.layers.1.mlp.up_proj": 8},
+        "5": {"model.layers.0.self_attn.q_proj": 4, "model.layers.1.mlp.up_proj": 12},
+    }
+    (tmp_path / "rank_history.json").write_text(json.dumps(history))
+    loaded = load_rank_history(tmp_path)
+    assert loaded == {0: history["0"], 5: history["5"]}
+    fig = rank_over_steps(loaded, total_steps=10)
+    lines = [line for line in fig.axes[0].get_lines() if line.get_label() == "mean rank"]
+    assert list(lines[0].get_ydata()) == [8.0, 8.0, 8.0] and list(lines[0].get_xdata()) == [
+        0,
+        5,
+        10,
+    ]
+    heat = rank_history_heatmap(loaded)
+    assert heat.axes[0].get_title() == "ranks at step 5"
+    assert rank_matrix(loaded[5])[2][0][0] == 4.0 and rank_matrix(loaded[5])[2][1][1] == 12.0
+    assert rank_history_heatmap(loaded, step=3).axes[0].get_title() == "ranks at step 0"

@@ -174,3 +174,70 @@ def save_all(figures: dict[str, Figure], out_dir: Path, dpi: int = 100) -> list[
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+# -- dynamic rank schedule (rank_history.json: step -> module -> rank) ----------------------
+def load_rank_history(path: Path) -> dict[int, dict[str, int]]:
+    """``rank_history.json`` of a run folder (or the file itself), steps as ints."""
+    import json
+
+    path = path / "rank_history.json" if path.is_dir() else path
+    return {int(step): ranks for step, ranks in json.loads(path.read_text()).items()}
+
+
+def rank_over_steps(
+    history: dict[int, dict[str, int]], total_steps: int | None = None, top: int = 12
+) -> Figure:
+    """Rank of each module over optimizer steps (a step function: a rank holds until the
+    next reallocation). The ``top`` modules that changed most are labelled; the rest are
+    thin grey lines, and the mean rank is dashed."""
+    steps = sorted(history)
+    end = max(total_steps or steps[-1], steps[-1])
+    xs = [*steps, end]
+    modules = sorted(history[steps[0]])
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+
+    def series(name: str) -> list[int]:
+        values = [history[s].get(name, 0) for s in steps]
+        return [*values, values[-1]]
+
+    spread = {m: max(series(m)) - min(series(m)) for m in modules}
+    labelled = sorted((m for m in modules if spread[m]), key=lambda m: (-spread[m], m))[:top]
+    for name in modules:
+        if name not in labelled:
+            ax.step(xs, series(name), where="post", color="0.75", linewidth=0.7)
+    for name in labelled:
+        match = _LAYER_MODULE.search(name)
+        label = f"L{match.group(1)} {match.group(2)}" if match else name
+        ax.step(xs, series(name), where="post", linewidth=1.4, label=label)
+    mean = [sum(history[s].values()) / max(len(history[s]), 1) for s in steps]
+    ax.step(xs, [*mean, mean[-1]], where="post", color="k", linestyle="--", label="mean rank")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("rank")
+    ax.set_title("rank over steps")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def rank_history_heatmap(history: dict[int, dict[str, int]], step: int | None = None) -> Figure:
+    """Rank per (layer, module type) at ``step`` (default: the last recorded step)."""
+    at = max(history) if step is None else max(s for s in history if s <= step)
+    layers, modules, matrix = rank_matrix(history[at])
+    fig, ax = plt.subplots(figsize=(1.2 * len(modules) + 2.5, 0.3 * len(layers) + 1.8))
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis")
+    if len(layers) <= 40:
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                if value == value:  # not NaN
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", color="w", fontsize=7)
+    ax.set_xticks(range(len(modules)), modules, rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_xlabel("module")
+    ax.set_ylabel("layer")
+    ax.set_title(f"ranks at step {at}")
+    fig.colorbar(image, ax=ax, label="rank")
+    fig.tight_layout()
+    return fig
