@@ -293,13 +293,16 @@ def only_run(out: Path) -> Path:
 def test_fast_dev_run_grows_shrinks_and_saves_an_adapter_plain_peft_loads(
     gsm8k_dir: Path, tmp_path: Path
 ) -> None:
+    """The shipped tiny config's fast dev run (gradient accumulation 2), under bf16
+    autocast: resizes happen, the budget holds, and plain peft reloads the adapter."""
     from peft import PeftModel
 
     from strato_peft.training.checkpoint import STATE_FILE, latest_checkpoint
 
     args = schedule_args(
-        gsm8k_dir, tmp_path, "--fast-dev-run", "--override", "task.final_eval=false"
-    )
+        gsm8k_dir, tmp_path, "--fast-dev-run", "--override", "task.final_eval=false",
+        "--override", "device_info.precision=bf16",
+    )  # fmt: skip
     assert main(args) == 0
     folder = only_run(tmp_path)
     history = json.loads((folder / "rank_history.json").read_text())
@@ -319,7 +322,10 @@ def test_fast_dev_run_grows_shrinks_and_saves_an_adapter_plain_peft_loads(
     for name, rank in final.items():
         assert tensors[f"base_model.model.{name}.lora_A.weight"].shape[0] == rank
         assert tensors[f"base_model.model.{name}.lora_B.weight"].shape[1] == rank
+    env = json.loads((folder / "env.json").read_text())
+    assert "bf16" in json.dumps(env["platform"])
     metrics = json.loads((folder / "metrics.json").read_text())
+    assert len(metrics["history"]) == 4 and metrics["plan"]["total_steps"] == 4
     costs_json = json.loads((folder / "costs.json").read_text())
     summary = metrics["method"]["rank_schedule"]
     assert costs_json["trainable_params"] == summary["final_params"] <= summary["budget_params"]
