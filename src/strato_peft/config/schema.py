@@ -89,11 +89,18 @@ class AdaLoraSettings(Section):
     orth_reg_weight: float = Field(default=0.5, ge=0)
 
 
-CostName = Literal["params", "flops", "memory"]
+class StratoCostWeights(Section):
+    """Weights of the normalised costs (each a fraction of the reference) in the reward."""
 
+    params: float = Field(default=0.5, ge=0)
+    flops: float = Field(default=0.5, ge=0)
+    memory: float = Field(default=0.0, ge=0)
 
-def _default_cost_weights() -> dict[CostName, float]:
-    return {"params": 0.5, "flops": 0.5}
+    @model_validator(mode="after")
+    def _some_weight(self) -> StratoCostWeights:
+        if not (self.params or self.flops or self.memory):
+            raise ValueError("at least one of params, flops, memory must be > 0")
+        return self
 
 
 class StratoBudget(Section):
@@ -154,10 +161,9 @@ class StratoSettings(Section):
         ]
     )
     lambda_: float = Field(default=0.5, ge=0, alias="lambda")
-    cost_weights: dict[CostName, float] = Field(
-        default_factory=_default_cost_weights,
-        description="Weights of the normalised costs (each relative to the reference) "
-        "that lambda multiplies in the reward.",
+    cost_weights: StratoCostWeights = Field(
+        default_factory=StratoCostWeights,
+        description="Mix of the normalised costs that lambda multiplies in the reward.",
     )
     reference: StratoReference = Field(default_factory=StratoReference)
     budget: StratoBudget = Field(default_factory=StratoBudget)
@@ -179,13 +185,6 @@ class StratoSettings(Section):
         if not menu or any(r < 0 for r in menu):
             raise ValueError("rank_menu must be a non-empty list of ranks >= 0")
         return sorted(set(menu))
-
-    @field_validator("cost_weights")
-    @classmethod
-    def _weights(cls, weights: dict[CostName, float]) -> dict[CostName, float]:
-        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
-            raise ValueError("cost_weights must be >= 0 with at least one > 0")
-        return weights
 
 
 StepSpec = int | float

@@ -212,7 +212,7 @@ def build_space(
         rank_menu=list(settings.rank_menu),
         reference=reference,
         budget=budget,
-        cost_weights=dict(settings.cost_weights),
+        cost_weights=settings.cost_weights.model_dump(),
         batch_size=batch_size,
         seq_len=seq_len,
         lora_dropout=lora_dropout,
