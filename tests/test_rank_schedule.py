@@ -418,3 +418,41 @@ def test_rank_plots_from_a_history(tmp_path: Path) -> None:
     assert heat.axes[0].get_title() == "ranks at step 5"
     assert rank_matrix(loaded[5])[2][0][0] == 4.0 and rank_matrix(loaded[5])[2][1][1] == 12.0
     assert rank_history_heatmap(loaded, step=3).axes[0].get_title() == "ranks at step 0"
+
+
+def test_schedule_starts_on_the_first_step_for_a_method_that_builds_its_own_model() -> None:
+    """STRATO builds its peft model itself: the hook attaches the schedule on first use,
+    with the budget of the model's initial allocation, and its state round-trips."""
+    from peft import get_peft_model
+
+    from strato_peft.methods.base import StepContext
+
+    config = tiny_config(
+        "peft.rank=8", "peft.dropout=0", "peft.rank_schedule.enabled=true",
+        "peft.rank_schedule.at_steps=[2]", "peft.rank_schedule.warmup=1",
+    )  # fmt: skip
+    method = get_method(config.peft, total_steps=4)
+    base = build_tiny_model(config.model.architecture, seed=0)
+    model = get_peft_model(base, method.peft_config(base))
+    assert method.rank_scheduler is None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    budget = trainable(model)
+    for step in (1, 2):
+        model(torch.randint(0, 49152, (2, 8))).logits.pow(2).mean().backward()
+        optimizer.step()
+        method.on_optimizer_step(model, step, StepContext(optimizer=optimizer))
+        optimizer.zero_grad(set_to_none=True)
+    scheduler = method.rank_scheduler
+    assert scheduler is not None and scheduler.budget == budget
+    assert sorted(scheduler.history) == [0, 2] and scheduler.history[2] != scheduler.history[0]
+    assert trainable(model) <= budget
+    other = get_method(config.peft, total_steps=4)
+    other.load_state_dict(method.state_dict())
+    model2 = get_peft_model(
+        build_tiny_model(config.model.architecture, seed=0), method.peft_config(base)
+    )
+    resize_model(model2, module_ranks(model))
+    other.on_optimizer_step(model2, 3, StepContext())
+    assert (
+        other.rank_scheduler.budget == budget and other.rank_scheduler.history == scheduler.history
+    )

@@ -96,8 +96,11 @@ class Method:
         return peft_model
 
     def attach_rank_schedule(self, model: PeftModel) -> None:
-        """Start the rank schedule on a built model when ``peft.rank_schedule.enabled``
-        (methods that build their model otherwise call this themselves)."""
+        """Start the rank schedule on a built model when ``peft.rank_schedule.enabled``.
+
+        :meth:`build` calls it; for a method that builds its model otherwise, the first
+        :meth:`on_optimizer_step` does (the model is still at its initial ranks then).
+        """
         settings = self.settings.rank_schedule
         if not settings.enabled or self.total_steps is None:
             return
@@ -121,7 +124,11 @@ class Method:
 
     def run_rank_schedule(self, model: PeftModel, step: int, context: StepContext | None) -> None:
         if self.rank_scheduler is None:
-            return
+            if not self.settings.rank_schedule.enabled:
+                return
+            self.attach_rank_schedule(model)
+            if self.rank_scheduler is None:
+                return
         optimizer = context.optimizer if context is not None else None
         if self.rank_scheduler.on_optimizer_step(model, step, optimizer):
             if context is not None:

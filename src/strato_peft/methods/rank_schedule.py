@@ -196,11 +196,15 @@ class RankScheduler:
         return {
             "importance": {k: v.clone() for k, v in self.importance.items()},
             "history": {k: dict(v) for k, v in self.history.items()},
+            "initial": dict(self.initial),
+            "budget": self.budget,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.importance = {k: v.clone() for k, v in state["importance"].items()}
         self.history = {int(k): dict(v) for k, v in state["history"].items()}
+        self.initial = dict(state.get("initial", self.initial))
+        self.budget = int(state.get("budget", self.budget))
 
 
 def _distributed() -> bool:
