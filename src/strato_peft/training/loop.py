@@ -250,6 +250,11 @@ class Trainer:
 
         old = self.model
         if not isinstance(old, DDP):
+            if self.accelerator.num_processes > 1:
+                raise RuntimeError(
+                    "parameter shapes changed during training (peft.rank_schedule), which "
+                    f"works with one process or DDP, not {self.accelerator.distributed_type}"
+                )
             return
         module = old.module
         kwargs: dict[str, Any] = {
