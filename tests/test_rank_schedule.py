@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,8 @@ from strato_peft.methods.base import MethodError
 from strato_peft.methods.rank_schedule import schedule_steps
 from strato_peft.methods.resize import lora_layers, module_ranks, resize_layer, resize_model
 from strato_peft.models import build_tiny_model
-from tests.conftest import CONFIGS
-from tests.test_training import GSM8K_ROWS
+from tests.conftest import CONFIGS, ROOT
+from tests.test_training import GSM8K_ROWS, _env
 
 LAYER = "model.layers.0.self_attn.q_proj"
 
@@ -303,7 +305,12 @@ def test_fast_dev_run_grows_shrinks_and_saves_an_adapter_plain_peft_loads(
         gsm8k_dir, tmp_path, "--fast-dev-run", "--override", "task.final_eval=false",
         "--override", "device_info.precision=bf16",
     )  # fmt: skip
-    assert main(args) == 0
+    # A process of its own: accelerate's state is a per-process singleton, and the other
+    # tests of this session run in fp32.
+    done = subprocess.run(
+        [sys.executable, "main.py", *args], cwd=ROOT, env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     folder = only_run(tmp_path)
     history = json.loads((folder / "rank_history.json").read_text())
     assert list(history) == ["0", "2", "3"]
