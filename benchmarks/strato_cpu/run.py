@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(os.environ.get("STRATO_DATA_DIR", ROOT.parent / "shared" / "data")),
     )
     parser.add_argument(
-        "--search-cap", type=float, default=2.5,
+        "--search-cap", type=float, default=2.0,
         help="STRATO's search wall-time cap as a multiple of the same seed's LoRA run",
     )  # fmt: skip
     parser.add_argument("--results", type=Path, default=HERE / "results.json")
