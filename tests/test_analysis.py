@@ -440,14 +440,14 @@ def test_batch_skips_complete_runs_retries_failures_once_and_reports(
         experiments / "tiny_lora.yaml",
     ]
     assert commands.run_experiments(
-        ["--config_dir", str(experiments), "--filter", "tiny_lora", "--filter", "tiny_dora",
+        ["--config_dir", str(experiments), "--filter", "tiny_lor[a]", "--filter", "tiny_dor[a]",
          "--seeds", "42", "45", "--dry-run", "--override", overrides[0]]
     ) == 0  # fmt: skip
     listing = capsys.readouterr().out
     assert listing.count("skipped (complete)") == 2 and listing.count("would run") == 2
 
     jobs = batch.plan_jobs(
-        batch.find_configs(experiments, ["tiny_lora", "tiny_dora"]), (44, 45), overrides
+        batch.find_configs(experiments, ["tiny_lor[a]", "tiny_dor[a]"]), (44, 45), overrides
     )
     assert [j.status for j in jobs] == [batch.SKIPPED, "pending", batch.SKIPPED, "pending"]
     calls: list[list[str]] = []

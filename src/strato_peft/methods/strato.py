@@ -240,7 +240,7 @@ class StratoMethod(Method):
                 )
 
     def summary(self) -> dict[str, Any]:
-        return dict(self._summary)
+        return {**super().summary(), **self._summary}
 
 
 def _random_ranks(space: SearchSpace, seed: int) -> list[int]:
