@@ -125,6 +125,15 @@ def rank_heatmap(run: Run) -> Figure | None:
     layers, modules, matrix = rank_matrix(run.rank_pattern)
     if not layers:
         return None
+    return _rank_matrix_figure(
+        layers, modules, matrix, f"ranks: {run.method} {run.budget} seed {run.seed}"
+    )
+
+
+def _rank_matrix_figure(
+    layers: list[int], modules: list[str], matrix: list[list[float]], title: str
+) -> Figure:
+    """Heatmap of ranks, layers down and module types across, values written in."""
     fig, ax = plt.subplots(figsize=(1.2 * len(modules) + 2.5, 0.3 * len(layers) + 1.8))
     image = ax.imshow(matrix, aspect="auto", cmap="viridis")
     if len(layers) <= 40:
@@ -136,7 +145,7 @@ def rank_heatmap(run: Run) -> Figure | None:
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set_xlabel("module")
     ax.set_ylabel("layer")
-    ax.set_title(f"ranks: {run.method} {run.budget} seed {run.seed}")
+    ax.set_title(title)
     fig.colorbar(image, ax=ax, label="rank")
     fig.tight_layout()
     return fig
@@ -226,18 +235,4 @@ def rank_history_heatmap(history: dict[int, dict[str, int]], step: int | None = 
     """Rank per (layer, module type) at ``step`` (default: the last recorded step)."""
     at = max(history) if step is None else max(s for s in history if s <= step)
     layers, modules, matrix = rank_matrix(history[at])
-    fig, ax = plt.subplots(figsize=(1.2 * len(modules) + 2.5, 0.3 * len(layers) + 1.8))
-    image = ax.imshow(matrix, aspect="auto", cmap="viridis")
-    if len(layers) <= 40:
-        for i, row in enumerate(matrix):
-            for j, value in enumerate(row):
-                if value == value:  # not NaN
-                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", color="w", fontsize=7)
-    ax.set_xticks(range(len(modules)), modules, rotation=30, ha="right")
-    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    ax.set_xlabel("module")
-    ax.set_ylabel("layer")
-    ax.set_title(f"ranks at step {at}")
-    fig.colorbar(image, ax=ax, label="rank")
-    fig.tight_layout()
-    return fig
+    return _rank_matrix_figure(layers, modules, matrix, f"ranks at step {at}")

@@ -73,12 +73,14 @@ class StratoMethod(Method):
         except ValueError as exc:
             raise MethodError(f"peft.method=strato: {exc}") from None
 
-    def choose_allocation(self, model: PreTrainedModel) -> dict[str, int]:
+    def choose_allocation(
+        self, model: PreTrainedModel, space: SearchSpace | None = None
+    ) -> dict[str, int]:
         """Run (or resume, or reuse) the search, or draw a control allocation."""
         from strato_peft.strato.search import ALLOCATION_FILE, SEARCH_FILE
 
         s = self.settings.strato
-        space = self.space(model)
+        space = space or self.space(model)
         ctx = self.context
         seed = ctx.config.seed if ctx else 0
         if s.control == "uniform":
@@ -173,9 +175,9 @@ class StratoMethod(Method):
         from peft import get_peft_model
 
         self.validate_strato(model)
-        allocation = self.choose_allocation(model)
-        self.allocation = allocation
         space = self.space(model)
+        allocation = self.choose_allocation(model, space)
+        self.allocation = allocation
         ranks = space.to_ranks(allocation) if self.settings.strato.control == "none" else None
         fractions = (
             space.fractions(ranks, memory=True)

@@ -114,22 +114,6 @@ def sample_episodes(
     return [list(e.ranks) for e in envs]
 
 
-def sample_episode(
-    env: AllocationEnv, policy: Any | None, rng: random.Random, options: dict[str, Any] | None
-) -> list[int]:
-    """One episode: the policy's stochastic actions, or uniform random feasible ones."""
-    obs, _ = env.reset(options=options)
-    done = env.position >= len(env.queue)
-    while not done:
-        mask = env.action_masks()
-        if policy is None:
-            action = rng.choice([i for i, ok in enumerate(mask) if ok])
-        else:
-            action, _ = policy.predict(obs, action_masks=mask, deterministic=False)
-        obs, _, done, _, _ = env.step(int(action))
-    return list(env.ranks)
-
-
 def random_allocation(space: SearchSpace, rng: random.Random) -> list[int]:
     """A random feasible allocation: slots in random order, each a uniform feasible rank."""
     ranks = [0] * len(space.slots)
@@ -307,7 +291,7 @@ class Search:
             options = None
             if explore:
                 cells = sorted(elites)
-                weights = [1.0 / (1 + env_visits(self.archive, c)) ** 0.5 for c in cells]
+                weights = [1.0 / (1 + self.archive.visits.get(c, 0)) ** 0.5 for c in cells]
                 cell = self.rng.choices(cells, weights)[0]
                 self.archive.visits[cell] = self.archive.visits.get(cell, 0) + 1
                 elite = self.space.to_ranks(elites[cell].allocation)
@@ -425,10 +409,6 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def env_visits(archive: Archive, cell: tuple[int, int]) -> int:
-    return archive.visits.get(cell, 0)
 
 
 def _point(row: dict[str, Any], cost: str) -> dict[str, Any]:
