@@ -23,7 +23,7 @@ from strato_peft.methods.rank_schedule import schedule_steps
 from strato_peft.methods.resize import lora_layers, module_ranks, resize_layer, resize_model
 from strato_peft.models import build_tiny_model
 from tests.conftest import CONFIGS, ROOT
-from tests.test_training import GSM8K_ROWS, _env
+from tests.test_training import GSM8K_ROWS, _env, only_run, tiny_args
 
 LAYER = "model.layers.0.self_attn.q_proj"
 
@@ -277,19 +277,7 @@ def gsm8k_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def schedule_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(CONFIGS / "experiments" / "tiny_lora_schedule.yaml"),
-        "--override", f"task.data_path={data}",
-        "--override", f"output.dir={out}",
-        "--override", f"logging.log_dir={out}/logs",
-        "--no-wandb",
-        *extra,
-    ]  # fmt: skip
-
-
-def only_run(out: Path) -> Path:
-    (folder,) = [p for p in out.glob("*/*/*") if p.is_dir()]
-    return folder
+    return tiny_args("lora_schedule", data, out, *extra)
 
 
 def test_fast_dev_run_grows_shrinks_and_saves_an_adapter_plain_peft_loads(

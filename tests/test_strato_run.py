@@ -33,7 +33,7 @@ from strato_peft.strato.space import allocation_hash
 from strato_peft.strato.surrogate import Surrogate
 from strato_peft.training.checkpoint import STATE_FILE, latest_checkpoint
 from tests.conftest import CONFIGS, ROOT
-from tests.test_training import GSM8K_ROWS
+from tests.test_training import GSM8K_ROWS, _env, tiny_args
 
 CONFIG = CONFIGS / "experiments" / "tiny_strato.yaml"
 FOLDER = Path("tiny_llama") / "gsm8k" / "strato_rank8_lambda0.5_seed42"
@@ -50,23 +50,7 @@ class ResumedRun:
 
 
 def args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(CONFIG), "--seed", "42", "--fast-dev-run",
-        "--override", f"task.data_path={data}",
-        "--override", f"output.dir={out}",
-        "--override", f"logging.log_dir={out}/logs",
-        "--no-wandb", *extra,
-    ]  # fmt: skip
-
-
-def child_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    }
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
+    return ["--seed", "42", "--fast-dev-run", *tiny_args("strato", data, out, *extra)]
 
 
 def archive_rows(path: Path) -> dict[str, float]:
@@ -98,7 +82,7 @@ def killed_and_resumed(gsm8k_data: Path, tmp_path_factory: pytest.TempPathFactor
     log = out / "killed.log"
     with log.open("w") as handle:
         proc = subprocess.Popen(
-            command, cwd=ROOT, env=child_env(), stdout=handle, stderr=subprocess.STDOUT,
+            command, cwd=ROOT, env=_env(), stdout=handle, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + 300
@@ -115,7 +99,7 @@ def killed_and_resumed(gsm8k_data: Path, tmp_path_factory: pytest.TempPathFactor
     status = json.loads((folder / "status.json").read_text())["status"]
 
     done = subprocess.run(
-        command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600
+        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return ResumedRun(folder, before, status)
