@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 from strato_peft.config import load_config  # noqa: E402
 from strato_peft.config.schema import ExperimentConfig  # noqa: E402
-from strato_peft.training.data import IGNORE_INDEX, Encoded, encode_examples  # noqa: E402
+from strato_peft.encoding import IGNORE_INDEX, Encoded, encode_examples  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs/experiments/cpu_smollm2_gsm8k_lora.yaml"
 DEFAULT_OUTPUT = ROOT / "benchmarks/results/train_throughput.json"

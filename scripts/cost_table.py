@@ -9,6 +9,7 @@ and -13B under LoRA, DoRA and an upper-half-only allocation, computed by
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,24 +22,26 @@ except ImportError:  # running from a checkout without an install
 from strato_peft import costs
 
 QV = ("q_proj", "v_proj")
+LORA = costs.CostTerms()
+DORA = costs.CostTerms(magnitude_vector=True)
 
 
-def rows(arch: costs.Architecture) -> list[tuple[str, str, dict[str, int]]]:
-    """(label, method, allocation) for the table's configurations."""
+def rows(arch: costs.Architecture) -> list[tuple[str, costs.CostTerms, dict[str, int]]]:
+    """(label, cost terms, allocation) for the table's configurations."""
     upper = costs.upper_layers(arch)
     first, last = upper[0], upper[-1]
     return [
-        ("LoRA r16 q,v", "lora", costs.uniform_allocation(arch, 16, QV)),
-        ("LoRA r8 all 7 linear", "lora", costs.uniform_allocation(arch, 8, costs.MODULE_TYPES)),
-        ("DoRA r16 q,v", "dora", costs.uniform_allocation(arch, 16, QV)),
+        ("LoRA r16 q,v", LORA, costs.uniform_allocation(arch, 16, QV)),
+        ("LoRA r8 all 7 linear", LORA, costs.uniform_allocation(arch, 8, costs.MODULE_TYPES)),
+        ("DoRA r16 q,v", DORA, costs.uniform_allocation(arch, 16, QV)),
         (
             f"LoRA r16 q,v, layers {first}-{last} only",
-            "lora",
+            LORA,
             costs.uniform_allocation(arch, 16, QV, upper),
         ),
         (
             f"LoRA r32 q,v, layers {first}-{last} only",
-            "lora",
+            LORA,
             costs.uniform_allocation(arch, 32, QV, upper),
         ),
     ]
@@ -53,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         "--json", action="store_true", help="full reports as JSON instead of the table"
     )
     args = parser.parse_args(argv)
-    shape = {"batch_size": args.batch_size, "seq_len": args.seq_len, "weight_dtype": args.dtype}
+    settings = costs.CostSettings(
+        batch_size=args.batch_size, seq_len=args.seq_len, weight_dtype=args.dtype
+    )
+    checkpointed = dataclasses.replace(settings, gradient_checkpointing=True)
 
     reports = []
     lines = [
@@ -63,11 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for arch in (costs.LLAMA2_7B, costs.LLAMA2_13B):
         reference = None
-        for label, method, allocation in rows(arch):
-            report = costs.estimate_costs(arch, allocation, method, **shape)
-            ckpt = costs.estimate_costs(
-                arch, allocation, method, gradient_checkpointing=True, **shape
-            )
+        for label, terms, allocation in rows(arch):
+            report = costs.estimate_costs(arch, allocation, terms, settings)
+            ckpt = costs.estimate_costs(arch, allocation, terms, checkpointed)
             reference = reference or report
             reports.append({"label": label, **report.to_dict()})
             lines.append(

@@ -13,6 +13,7 @@ import json
 import random
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -25,6 +26,9 @@ from strato_peft import costs
 
 TOLERANCE = 0.02  # the issue's bound; the model is exact on these shapes (measured error 0)
 QV = ["q_proj", "v_proj"]
+LORA = costs.CostTerms()
+DORA = costs.CostTerms(magnitude_vector=True)
+ADALORA = costs.CostTerms(singular_values=True, orthogonality_regularizer=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,8 +105,8 @@ def trainable(model: Any) -> int:
 def test_llama2_acceptance_params() -> None:
     seven, thirteen = costs.LLAMA2_7B, costs.LLAMA2_13B
     qv16 = costs.uniform_allocation(seven, 16, QV)
-    assert costs.trainable_params(seven, qv16, "lora") == 8_388_608
-    assert costs.trainable_params(seven, qv16, "dora") == 8_650_752
+    assert costs.trainable_params(seven, qv16, LORA) == 8_388_608
+    assert costs.trainable_params(seven, qv16, DORA) == 8_650_752
     assert (
         costs.trainable_params(thirteen, costs.uniform_allocation(thirteen, 16, QV)) == 13_107_200
     )
@@ -110,20 +114,17 @@ def test_llama2_acceptance_params() -> None:
 
 def test_upper_half_cuts_llama2_7b_training_flops_by_a_fifth() -> None:
     arch = costs.LLAMA2_7B
-    full = costs.estimate_costs(
-        arch, costs.uniform_allocation(arch, 16, QV), batch_size=4, seq_len=512
-    )
+    settings = costs.CostSettings(batch_size=4, seq_len=512)
+    full = costs.estimate_costs(arch, costs.uniform_allocation(arch, 16, QV), settings=settings)
     upper_alloc = costs.uniform_allocation(arch, 16, QV, layers=costs.upper_layers(arch))
-    upper = costs.estimate_costs(arch, upper_alloc, batch_size=4, seq_len=512)
+    upper = costs.estimate_costs(arch, upper_alloc, settings=settings)
     ratios = upper.relative_to(full)
     assert ratios["train_flops"] <= 0.8
     assert ratios["params"] == pytest.approx(0.5)
     assert ratios["forward_flops"] == pytest.approx(1.0, abs=1e-3)  # placement changes the backward
     assert ratios["memory"] < 0.8  # and the saved activations
     # shrinking ranks alone barely moves FLOPs (the base dominates)
-    r4 = costs.estimate_costs(
-        arch, costs.uniform_allocation(arch, 4, QV), batch_size=4, seq_len=512
-    )
+    r4 = costs.estimate_costs(arch, costs.uniform_allocation(arch, 4, QV), settings=settings)
     assert r4.relative_to(full)["train_flops"] > 0.99
 
 
@@ -166,19 +167,20 @@ def test_uniform_allocation_names_match_peft_and_meta_device() -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "make"),
+    ("terms", "make"),
     [
-        ("lora", lambda: LoraConfig(r=8, target_modules=QV)),
+        (LORA, lambda: LoraConfig(r=8, target_modules=QV)),
         (
-            "lora",
+            LORA,
             lambda: LoraConfig(
                 r=4, target_modules=list(costs.MODULE_TYPES), layers_to_transform=[2, 3]
             ),
         ),
-        ("dora", lambda: LoraConfig(r=8, target_modules=QV, use_dora=True)),
-        ("dora", lambda: LoraConfig(r=2, target_modules=["o_proj", "down_proj"], use_dora=True)),
+        (DORA, lambda: LoraConfig(r=8, target_modules=QV, use_dora=True)),
+        (DORA, lambda: LoraConfig(r=2, target_modules=["o_proj", "down_proj"], use_dora=True)),
         (
-            "adalora",
+            # no task_type: a bare PeftModel, which skips AdaLoRA's regulariser
+            costs.CostTerms(singular_values=True, orthogonality_regularizer=False),
             lambda: AdaLoraConfig(
                 init_r=6,
                 target_r=2,
@@ -189,14 +191,17 @@ def test_uniform_allocation_names_match_peft_and_meta_device() -> None:
             ),
         ),
     ],
+    ids=["lora", "lora-all-linear-top-layers", "dora", "dora-o-down", "adalora"],
 )
-def test_params_equal_instantiated_peft_model(method: str, make: Callable[[], Any]) -> None:
+def test_params_equal_instantiated_peft_model(
+    terms: costs.CostTerms, make: Callable[[], Any]
+) -> None:
     model = peft_model(llama_config(tied=True), make())
     arch = costs.Architecture.from_hf_config(model.get_base_model().config)
     report, allocation = costs.estimate_costs_for_peft_model(model)
-    assert costs.method_of_peft_model(model) == method
+    assert costs.cost_terms_of_peft_model(model) == terms == report.terms
     assert (
-        costs.trainable_params(arch, allocation, method)
+        costs.trainable_params(arch, allocation, terms)
         == trainable(model)
         == report.trainable_params
     )
@@ -208,13 +213,13 @@ def test_params_equal_peft_for_random_allocations() -> None:
     rng = random.Random(5)
     for i in range(12):
         allocation = random_allocation(arch, rng, lowest=rng.randrange(arch.num_hidden_layers))
-        method = ("lora", "dora")[i % 2]
+        terms = (LORA, DORA)[i % 2]
         with torch.device("meta"):
             model = get_peft_model(
-                LlamaForCausalLM(config), lora_for(allocation, use_dora=method == "dora")
+                LlamaForCausalLM(config), lora_for(allocation, use_dora=terms.magnitude_vector)
             )
         assert costs.allocation_from_peft_model(model) == {k: v for k, v in allocation.items() if v}
-        assert costs.trainable_params(arch, allocation, method) == trainable(model)
+        assert costs.trainable_params(arch, allocation, terms) == trainable(model)
 
 
 def test_adalora_reports_allocated_and_effective_ranks() -> None:
@@ -236,7 +241,9 @@ def test_adalora_reports_allocated_and_effective_ranks() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
         model.base_model.update_and_allocate(step)
         model.zero_grad()
-    report, allocation = costs.estimate_costs_for_peft_model(model, batch_size=1, seq_len=8)
+    report, allocation = costs.estimate_costs_for_peft_model(
+        model, costs.CostSettings(batch_size=1, seq_len=8)
+    )
     effective = costs.adalora_effective_ranks(model)
     arch = costs.Architecture.from_hf_config(config)
     assert set(allocation.values()) == {6} and allocation.keys() == effective.keys()
@@ -244,9 +251,10 @@ def test_adalora_reports_allocated_and_effective_ranks() -> None:
     assert (
         report.trainable_params
         == trainable(model)
-        == costs.trainable_params(arch, allocation, "adalora")
+        == costs.trainable_params(arch, allocation, ADALORA)
     )
-    assert report.effective_trainable_params == costs.trainable_params(arch, effective, "adalora")
+    assert report.terms == ADALORA  # task_type="CAUSAL_LM": the regulariser runs
+    assert report.effective_trainable_params == costs.trainable_params(arch, effective, ADALORA)
     assert report.effective_trainable_params < report.trainable_params
     assert (report.rank_total, report.effective_rank_total) == (
         6 * len(effective),
@@ -260,18 +268,59 @@ def test_bad_allocations_fail_clearly() -> None:
         costs.trainable_params(arch, {"model.layers.9.self_attn.q_proj": 4})
     with pytest.raises(ValueError, match="not an adaptable"):
         costs.trainable_params(arch, {"model.layers.0.self_attn.rotary": 4})
-    with pytest.raises(ValueError, match="known: lora, dora, adalora"):
-        costs.estimate_costs(arch, {}, "ia3")
     assert costs.estimate_costs(arch, {"model.layers.0.mlp.up_proj": 0}).trainable_params == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("optimizer", "lion", "unknown optimizer 'lion'; known: adamw"),
+        ("attn_implementation", "xformers", "unknown attn_implementation 'xformers'"),
+        ("weight_dtype", "fp12", "unknown dtype 'fp12'; known: fp32"),
+        ("activation_dtype", "fp12", "unknown dtype 'fp12'"),
+        ("adapter_dtype", "fp12", "unknown dtype 'fp12'"),
+    ],
+)
+def test_bad_settings_fail_clearly(field: str, value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        costs.CostSettings(**{field: value})
+
+
+def test_cost_terms_are_priced_term_by_term() -> None:
+    """Each term adds its own price, so a method combining terms needs no new code."""
+    arch = costs.LLAMA2_7B
+    allocation = costs.uniform_allocation(arch, 16, QV)
+    base = costs.trainable_params(arch, allocation)
+    magnitude = costs.trainable_params(arch, allocation, DORA) - base
+    singular = costs.trainable_params(arch, allocation, ADALORA) - base
+    both = costs.CostTerms(magnitude_vector=True, singular_values=True)
+    assert (magnitude, singular) == (2 * 32 * 4096, 2 * 32 * 16)
+    assert costs.trainable_params(arch, allocation, both) == base + magnitude + singular
+    assert LORA.plain_lora and not DORA.plain_lora and not ADALORA.plain_lora
+    assert costs.CostTerms(orthogonality_regularizer=True).plain_lora
+    settings = costs.CostSettings(batch_size=2, seq_len=64)
+    flops = {
+        name: costs.training_flops(arch, allocation, terms, settings).train
+        for name, terms in (
+            ("lora", LORA),
+            ("adalora", ADALORA),
+            ("bare", replace(ADALORA, orthogonality_regularizer=False)),
+        )
+    }
+    regulariser = 3 * 2.0 * 16 * 16 * (4096 + 4096) * len(allocation)  # forward + 2x backward
+    assert flops["adalora"] - flops["bare"] == pytest.approx(regulariser)
+    assert flops["bare"] == flops["lora"]  # singular values add no matmul
 
 
 # --------------------------------------------------------------------------- FLOPs
 
 
 def assert_flops_agree(
-    model: Any, arch: costs.Architecture, batch: int, seq: int, **kwargs: Any
+    model: Any, arch: costs.Architecture, batch: int, seq: int, **settings: Any
 ) -> float:
-    report, _ = costs.estimate_costs_for_peft_model(model, batch_size=batch, seq_len=seq, **kwargs)
+    report, _ = costs.estimate_costs_for_peft_model(
+        model, costs.CostSettings(batch_size=batch, seq_len=seq, **settings)
+    )
     measured = measured_step_flops(model, batch, seq, arch.vocab_size)
     error = report.flops.train / measured - 1
     assert abs(error) <= TOLERANCE, (report.flops, measured)
@@ -309,8 +358,8 @@ def test_flops_match_flop_counter_for_random_allocations() -> None:
         lowest = rng.randrange(arch.num_hidden_layers) if i % 2 else 0
         allocation = random_allocation(arch, rng, lowest)
         lowest_layers.add(costs.lowest_adapted_layer(arch, allocation))
-        method = ("lora", "lora", "dora")[i % 3]
-        model = peft_model(config, lora_for(allocation, use_dora=method == "dora"))
+        dora = i % 3 == 2
+        model = peft_model(config, lora_for(allocation, use_dora=dora))
         assert_flops_agree(model, arch, rng.choice([1, 2]), rng.choice([8, 16, 24]))
     assert {1, 2, 3} <= lowest_layers  # lower layers left without adapters were covered
 
@@ -330,9 +379,10 @@ def test_flops_with_gradient_checkpointing(disable_input_grads: bool) -> None:
     assert_flops_agree(
         model, arch, 2, 16, gradient_checkpointing=True, input_requires_grad=not disable_input_grads
     )
-    plain = costs.training_flops(arch, allocation, batch_size=2, seq_len=16)
+    settings = costs.CostSettings(batch_size=2, seq_len=16)
+    plain = costs.training_flops(arch, allocation, settings=settings)
     with_gc = costs.training_flops(
-        arch, allocation, batch_size=2, seq_len=16, gradient_checkpointing=True
+        arch, allocation, settings=replace(settings, gradient_checkpointing=True)
     )
     assert plain.recompute == 0 < with_gc.recompute < plain.forward
 
@@ -347,7 +397,9 @@ def test_flops_on_smollm2_shape_lora_and_upper_half() -> None:
     for name, layers in (("lora", None), ("upper", costs.upper_layers(arch))):
         allocation = costs.uniform_allocation(arch, 8, QV, layers=layers)
         model = get_peft_model(base, lora_for(allocation))
-        estimated[name] = costs.training_flops(arch, allocation, batch_size=1, seq_len=32).train
+        estimated[name] = costs.training_flops(
+            arch, allocation, settings=costs.CostSettings(batch_size=1, seq_len=32)
+        ).train
         measured[name] = measured_step_flops(model, 1, 32, arch.vocab_size)
         assert estimated[name] == pytest.approx(measured[name], rel=TOLERANCE)
         base = model.unload()
@@ -364,10 +416,8 @@ def test_flop_report_split_and_json() -> None:
     report = costs.estimate_costs(
         arch,
         costs.uniform_allocation(arch, 8, costs.MODULE_TYPES),
-        "dora",
-        batch_size=4,
-        seq_len=512,
-        grad_accum_steps=16,
+        DORA,
+        costs.CostSettings(batch_size=4, seq_len=512, grad_accum_steps=16),
     )
     data = json.loads(json.dumps(report.to_dict()))
     for key in (
@@ -387,6 +437,20 @@ def test_flop_report_split_and_json() -> None:
     assert sum(data["memory_breakdown"].values()) == pytest.approx(data["memory_bytes"], abs=8)
     # a rough sanity bound: training costs about 2-3x the forward
     assert 2.0 < data["train_flops_per_token"] / data["forward_flops_per_token"] < 3.0
+    assert (data["batch_size"], data["seq_len"], data["grad_accum_steps"]) == (4, 512, 16)
+    assert data["cost_terms"] == {
+        "magnitude_vector": True,
+        "singular_values": False,
+        "orthogonality_regularizer": False,
+    }
+    assert data["settings"]["activation_dtype"] == "bf16"  # resolved from the weights'
+    again = costs.estimate_costs(
+        arch,
+        costs.uniform_allocation(arch, 8, costs.MODULE_TYPES),
+        costs.CostTerms(**data["cost_terms"]),
+        costs.CostSettings(**data["settings"]),
+    )
+    assert again.to_dict() == report.to_dict()
     assert report.relative_to(report) == {
         "params": 1.0,
         "train_flops": 1.0,
@@ -422,24 +486,28 @@ def saved_activation_bytes(model: Any, batch: int, seq: int, vocab: int) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("method", "allocation"),
+    ("terms", "allocation"),
     [
-        ("lora", {f"model.layers.{i}.self_attn.{m}": 8 for i in range(4) for m in QV}),
-        ("lora", {"model.layers.2.self_attn.v_proj": 4, "model.layers.3.mlp.up_proj": 2}),
-        ("lora", {"model.layers.1.mlp.down_proj": 4, "model.layers.3.self_attn.o_proj": 8}),
-        ("dora", {"model.layers.2.self_attn.k_proj": 4, "model.layers.2.mlp.gate_proj": 2}),
+        (LORA, {f"model.layers.{i}.self_attn.{m}": 8 for i in range(4) for m in QV}),
+        (LORA, {"model.layers.2.self_attn.v_proj": 4, "model.layers.3.mlp.up_proj": 2}),
+        (LORA, {"model.layers.1.mlp.down_proj": 4, "model.layers.3.self_attn.o_proj": 8}),
+        (DORA, {"model.layers.2.self_attn.k_proj": 4, "model.layers.2.mlp.gate_proj": 2}),
     ],
+    ids=["lora-qv", "lora-v-up", "lora-down-o", "dora-k-gate"],
 )
 def test_activation_memory_equals_saved_tensors(
-    method: str, allocation: dict[str, int], dtype: torch.dtype
+    terms: costs.CostTerms, allocation: dict[str, int], dtype: torch.dtype
 ) -> None:
     config = llama_config()
     arch = costs.Architecture.from_hf_config(config)
-    model = peft_model(config, lora_for(allocation, use_dora=method == "dora"), dtype=dtype)
+    model = peft_model(config, lora_for(allocation, use_dora=terms.magnitude_vector), dtype=dtype)
     batch, seq = 2, 16
     name = "fp32" if dtype == torch.float32 else "bf16"
     estimate = costs.activation_bytes(
-        arch, allocation, method, batch_size=batch, seq_len=seq, activation_dtype=name
+        arch,
+        allocation,
+        terms,
+        costs.CostSettings(batch_size=batch, seq_len=seq, activation_dtype=name),
     )
     log_softmax_and_labels = (
         batch * seq * (arch.vocab_size * 4 + 8)
@@ -456,15 +524,17 @@ def test_activation_memory_scales_with_tokens_and_adapted_depth() -> None:
     def act(layers: Any = None, **kwargs: Any) -> float:
         allocation = costs.uniform_allocation(arch, 16, QV, layers=layers)
         shape = {"batch_size": 4, "seq_len": 512, **kwargs}
-        return costs.activation_bytes(arch, allocation, attn_implementation="sdpa", **shape)
+        settings = costs.CostSettings(attn_implementation="sdpa", **shape)
+        return costs.activation_bytes(arch, allocation, settings=settings)
 
     assert act(batch_size=8) == pytest.approx(2 * act(), rel=1e-4)  # but the rotary cos/sin
     assert act(seq_len=1024) == pytest.approx(2 * act(), rel=1e-3)  # sdpa: no S x S term
+    qv16 = costs.uniform_allocation(arch, 16, QV)
     eager = costs.activation_bytes(
-        arch, costs.uniform_allocation(arch, 16, QV), batch_size=4, seq_len=1024
+        arch, qv16, settings=costs.CostSettings(batch_size=4, seq_len=1024)
     )
     assert eager > 2 * costs.activation_bytes(
-        arch, costs.uniform_allocation(arch, 16, QV), batch_size=4, seq_len=512
+        arch, qv16, settings=costs.CostSettings(batch_size=4, seq_len=512)
     )
     # each extra fully differentiated layer adds the same amount
     depths = [act(layers=range(lowest, 32)) for lowest in (31, 24, 16, 8)]
@@ -478,16 +548,17 @@ def test_activation_memory_scales_with_tokens_and_adapted_depth() -> None:
 def test_memory_components() -> None:
     arch = costs.LLAMA2_7B
     allocation = costs.uniform_allocation(arch, 16, QV)
-    report = costs.estimate_costs(arch, allocation, batch_size=4, seq_len=512, weight_dtype="bf16")
+    settings = costs.CostSettings(batch_size=4, seq_len=512, weight_dtype="bf16")
+    report = costs.estimate_costs(arch, allocation, settings=settings)
     memory = report.memory
     assert memory.frozen_weights == arch.base_params() * 2
     assert memory.adapter_params == memory.gradients == 8_388_608 * 4
     assert memory.optimizer_states == 8_388_608 * 4 * 2  # AdamW: two fp32 states
     assert memory.logits == 4 * 512 * 32000 * (2 + 4 + 4)
-    sgd = costs.estimate_costs(arch, allocation, batch_size=4, seq_len=512, optimizer="sgd")
+    sgd = costs.estimate_costs(arch, allocation, settings=replace(settings, optimizer="sgd"))
     assert sgd.memory.optimizer_states == 0
     nf4 = costs.estimate_costs(
-        arch, allocation, batch_size=4, seq_len=512, weight_dtype="nf4", activation_dtype="bf16"
+        arch, allocation, settings=replace(settings, weight_dtype="nf4", activation_dtype="bf16")
     )
     assert nf4.memory.frozen_weights == memory.frozen_weights / 4
     assert report.memory_bytes == pytest.approx(sum(memory.as_dict().values()), abs=8)
@@ -504,7 +575,7 @@ def test_memory_estimate_against_cuda_peak() -> None:
         LoraConfig(r=16, target_modules=QV, task_type="CAUSAL_LM"),
     )
     report, _ = costs.estimate_costs_for_peft_model(
-        model, batch_size=batch, seq_len=seq, weight_dtype="bf16"
+        model, costs.CostSettings(batch_size=batch, seq_len=seq, weight_dtype="bf16")
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, arch.vocab_size, (batch, seq), device="cuda")

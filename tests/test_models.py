@@ -144,3 +144,69 @@ def test_packaged_smollm2_converts_once_then_loads_from_cache(
     # And the raw GGUF file loads through source=gguf (config only: weights are covered above).
     gguf = loading.packaged_gguf_path()
     assert load_hf_config(ModelConfig(name="g", path=str(gguf))).num_hidden_layers == 30
+
+
+def test_device_map_places_a_loaded_model_and_is_refused_where_it_cannot_apply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    build_tiny_model(TINY, seed=5).save_pretrained(tmp_path / "saved")
+    seen: dict[str, object] = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    placed = load_model(ModelConfig(name="m", path=str(tmp_path / "saved"), device_map="auto"))
+    assert seen["device_map"] == "auto"  # accelerate's big-model placement did the loading
+    assert {p.device.type for p in placed.parameters()} == {"cpu"}  # no GPU here
+    with pytest.raises(ModelLoadError, match="device_map.*tiny model is built in memory"):
+        load_model(ModelConfig(name="t", source="tiny", architecture=TINY, device_map="auto"))
+
+
+def test_device_map_with_a_multi_process_launch_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from strato_peft.config import load_config
+    from strato_peft.platform import PlatformError
+    from strato_peft.training import run
+    from tests.conftest import CONFIGS
+
+    class TwoProcesses:
+        num_processes = 2
+        is_main_process = True
+
+        def __init__(self, **kwargs: object) -> None:
+            pass
+
+    import accelerate
+
+    monkeypatch.setattr(accelerate, "Accelerator", TwoProcesses)
+    config = load_config(
+        CONFIGS / "experiments" / "tiny_lora.yaml",
+        ["model.device_map=auto", f"output.dir={tmp_path}"],
+    )
+    with pytest.raises(PlatformError, match="device_map='auto'.*2 processes"):
+        run.setup(config, run.RunOptions(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_compile_model_is_refused_where_torch_compile_is_not_supported(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from strato_peft import platform as platform_module
+    from strato_peft.config import load_config
+    from strato_peft.platform import Platform, PlatformError
+    from strato_peft.training import run
+    from tests.conftest import CONFIGS
+
+    mps = Platform(name="mps", device="mps", device_name="Apple M2", precision="fp32", reason="t")
+    monkeypatch.setattr(platform_module, "select_platform", lambda cfg: mps)
+    config = load_config(
+        CONFIGS / "experiments" / "tiny_lora.yaml", ["device_info.compile_model=true"]
+    )
+    with pytest.raises(PlatformError, match="compile_model.*not supported on mps"):
+        run.setup(config, run.RunOptions(), tmp_path / "run")

@@ -69,9 +69,9 @@ def trainable(model: Any) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def cost_model_params(model: Any, method: str = "lora") -> int:
+def cost_model_params(model: Any, terms: costs.CostTerms = costs.PLAIN_LORA) -> int:
     arch = costs.Architecture.from_hf_config(model.base_model.model.config)
-    return costs.trainable_params(arch, costs.allocation_from_peft_model(model), method)
+    return costs.trainable_params(arch, costs.allocation_from_peft_model(model), terms)
 
 
 # -- resize operations --------------------------------------------------------------------

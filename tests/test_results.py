@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from strato_peft.config import load_config
+from strato_peft.methods import run_folder
 from strato_peft.results import (
+    atomic_directory,
     atomic_write_json,
     atomic_write_text,
     environment_info,
-    run_dir,
     save_resolved_config,
 )
 from tests.conftest import CONFIGS
@@ -20,11 +21,11 @@ from tests.conftest import CONFIGS
 
 def test_run_dir_follows_the_spec_naming() -> None:
     lora = load_config(CONFIGS / "llama2_7b_mmlu_lora.yaml", ["peft.rank=8"], seed=43)
-    assert run_dir(lora) == Path("results/llama2_7b/mmlu/lora_rank8_seed43")
+    assert run_folder(lora) == Path("results/llama2_7b/mmlu/lora_rank8_seed43")
     strato = load_config(
         CONFIGS / "llama2_7b_mmlu_strato.yaml", ["peft.strato.lambda=0.25", "output.dir=/tmp/r"]
     )
-    assert run_dir(strato) == Path("/tmp/r/llama2_7b/mmlu/strato_rank16_lambda0.25_seed42")
+    assert run_folder(strato) == Path("/tmp/r/llama2_7b/mmlu/strato_rank16_lambda0.25_seed42")
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
@@ -50,3 +51,19 @@ def test_environment_info_records_versions_and_seed() -> None:
     assert info["packages"]["torch"].startswith("2.") and info["packages"]["peft"]
     assert info["hardware"]["cpu_count"] >= 1
     assert info["git_commit"] is None or len(info["git_commit"]) == 40
+
+
+def test_run_files_and_folders_share_one_permission_policy(tmp_path: Path) -> None:
+    import os
+
+    mask = os.umask(0o027)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"a": 1})
+        atomic_write_text(tmp_path / "b.jsonl", "{}\n")
+        with atomic_directory(tmp_path / "adapter") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "b.jsonl").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o750

@@ -22,6 +22,7 @@ from strato_peft import costs
 from strato_peft.config.schema import StratoSearch, StratoSettings
 from strato_peft.strato.archive import Archive, Evaluation
 from strato_peft.strato.env import AllocationEnv
+from strato_peft.strato.evaluator import EvaluationResult
 from strato_peft.strato.search import (
     MAX_POLICY_PARAMS,
     build_policy,
@@ -88,18 +89,18 @@ def exact_fractions(space: SearchSpace, ranks: list[int]) -> dict[str, float]:
     """Cost fractions straight from the cost model (params and training FLOPs per token, as
     :func:`costs.estimate_costs` computes them), not through the space's shortcuts."""
     key = (space.arch, space.batch_size, space.seq_len, tuple(sorted(space.reference.items())))
+    settings = costs.CostSettings(batch_size=space.batch_size, seq_len=space.seq_len)
     if key not in _REFERENCE_REPORTS:
         _REFERENCE_REPORTS[key] = costs.estimate_costs(
-            space.arch, space.reference, "lora", batch_size=space.batch_size, seq_len=space.seq_len
+            space.arch, space.reference, costs.CostTerms(), settings
         )
     ref = _REFERENCE_REPORTS[key]
     allocation = space.to_dict(ranks)
-    flops = costs.training_flops(
-        space.arch, allocation, "lora", batch_size=space.batch_size, seq_len=space.seq_len
-    )
+    flops = costs.training_flops(space.arch, allocation, costs.CostTerms(), settings)
     tokens = space.batch_size * space.seq_len
     return {
-        "params": costs.trainable_params(space.arch, allocation, "lora") / ref.trainable_params,
+        "params": costs.trainable_params(space.arch, allocation, costs.CostTerms())
+        / ref.trainable_params,
         "flops": flops.train / tokens / ref.train_flops_per_token,
     }
 
@@ -398,13 +399,13 @@ class SyntheticEvaluator:
     def __init__(self) -> None:
         self.calls: list[dict[str, int]] = []
 
-    def evaluate(self, allocation: dict[str, int]) -> tuple[float, float]:
+    def evaluate(self, allocation: dict[str, int]) -> EvaluationResult:
         self.calls.append(dict(allocation))
         gain = sum(
             (2.0 if "mlp" in name else 1.0) * math.log2(1 + rank)
             for name, rank in allocation.items()
         )
-        return 3.0 - 0.01 * gain, 0.001
+        return EvaluationResult(3.0 - 0.01 * gain, 0.001)
 
 
 def run_search(

@@ -308,7 +308,7 @@ def test_sigterm_marks_the_run_failed_and_it_resumes_later(gsm8k_dir: Path, tmp_
 
 
 def test_token_loss_sum_counts_answer_tokens_only() -> None:
-    from strato_peft.training.data import IGNORE_INDEX, Collator, encode, token_loss_sum
+    from strato_peft.encoding import IGNORE_INDEX, Collator, encode, token_loss_sum
 
     class Tok:  # whitespace tokenizer: one id per word
         def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:

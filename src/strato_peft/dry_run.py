@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from strato_peft import costs
 from strato_peft.config.schema import ExperimentConfig
-from strato_peft.methods import get_method
+from strato_peft.methods import get_method, run_folder
 from strato_peft.models import build_meta_model, resolve_source
-from strato_peft.results import run_dir
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -66,7 +65,7 @@ def dry_run_report(config: ExperimentConfig, platform_note: str | None = None) -
         "task": config.task.name,
         "method": config.peft.method,
         "seed": config.seed,
-        "run_dir": str(run_dir(config)),
+        "run_dir": str(run_folder(config)),
     }
     if platform_note:
         report["platform"] = platform_note
@@ -76,8 +75,7 @@ def dry_run_report(config: ExperimentConfig, platform_note: str | None = None) -
         # A searched allocation is only known after the search; report its reference.
         from peft import get_peft_model
 
-        ref = method.reference_config()  # type: ignore[attr-defined]
-        peft_model = get_peft_model(model, ref)
+        peft_model = get_peft_model(model, method.reference_config(model))
         budget = config.peft.strato.budget
         report["note"] = (
             "strato: the allocation is found by the search at run time; the figures below "
@@ -114,8 +112,7 @@ def cost_estimate(config: ExperimentConfig, peft_model: PeftModel) -> dict[str, 
     activation_dtype = (
         config.device_info.precision if config.device_info.precision in ("bf16", "fp16") else None
     )
-    report, _ = costs.estimate_costs_for_peft_model(
-        peft_model,
+    settings = costs.CostSettings(
         batch_size=t.batch_size,
         seq_len=config.task.max_length,
         grad_accum_steps=t.gradient_accumulation_steps,
@@ -123,6 +120,8 @@ def cost_estimate(config: ExperimentConfig, peft_model: PeftModel) -> dict[str, 
         activation_dtype=activation_dtype if mixed else None,
         gradient_checkpointing=t.gradient_checkpointing,
     )
+    # cost terms, allocation and dropout come from the built model itself
+    report, _ = costs.estimate_costs_for_peft_model(peft_model, settings)
     data: dict[str, Any] = report.to_dict()
     data["assumptions"] = (
         f"batch {t.batch_size} x {config.task.max_length} tokens (task.max_length), "

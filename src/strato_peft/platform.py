@@ -53,6 +53,11 @@ class Platform:
             self.precision
         ]
 
+    @property
+    def supports_compile(self) -> bool:
+        """Whether ``torch.compile`` (inductor) is supported: CUDA, ROCm and CPU, not MPS."""
+        return self.name != "mps"
+
     def describe(self) -> str:
         return f"platform: {self.name} ({self.device_name}); precision: {self.precision} ({self.reason})"
 

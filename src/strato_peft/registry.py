@@ -15,6 +15,7 @@ METHODS: dict[str, str] = {
     "dora": "strato_peft.methods.lora:DoraMethod",
     "adalora": "strato_peft.methods.adalora:AdaLoraMethod",
     "strato": "strato_peft.methods.strato:StratoMethod",
+    "upper_lora": "strato_peft.methods.upper_lora:UpperLoraMethod",
 }
 
 TASKS: dict[str, str] = {
@@ -26,7 +27,7 @@ TASKS: dict[str, str] = {
 
 
 def did_you_mean(name: str, candidates: list[str] | tuple[str, ...]) -> str:
-    """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
+    """``; did you mean 'x'?`` for the closest candidate, or an empty string."""
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else ""
 

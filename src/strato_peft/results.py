@@ -1,8 +1,12 @@
-"""Run folders: naming, atomic writes, and what every run records about itself.
+"""Run folders: every file name, naming, JSON and status reading, and atomic writes.
 
-A run lives in ``<output.dir>/<model>/<task>/<method>_rank<r>[_lambda<l>]_seed<s>/``
-(the product spec's naming). Files are written to a temporary name and renamed, so a
-crash never leaves a file that looks complete.
+A run lives in ``<output.dir>/<model>/<task>/<label>_seed<s>/``, the label being the
+method's own (:meth:`strato_peft.methods.Method.run_label`: ``<method>_rank<r>`` for the
+baselines, ``strato_rank<r>_lambda<l>`` for STRATO). This module is the one place that
+spells the folder's file names; every other module uses the constants below. Files are
+written to a temporary name and renamed, with one permission policy (what the umask
+allows, as for any file the user creates), so a crash never leaves a file that looks
+complete and every run file has the same mode.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -23,8 +28,32 @@ from typing import Any
 from strato_peft.config.loader import resolved_yaml
 from strato_peft.config.schema import ExperimentConfig
 
+# -- the run folder's files (the only place they are spelled) ---------------------------
 CONFIG_FILE = "config.yaml"
+"""The resolved config: ``--config`` on it repeats the run."""
 ENV_FILE = "env.json"
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.json"
+COSTS_FILE = "costs.json"
+ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+"""peft's ``save_pretrained`` config, inside :data:`ADAPTER_DIR`."""
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_STATE_FILE = "state.pt"
+"""Inside each ``checkpoints/step_<N>/``."""
+TRAINING_LOG = "training.log"
+TENSORBOARD_DIR = "tensorboard"
+RANK_HISTORY_FILE = "rank_history.json"
+ALLOCATION_FILE = "allocation.json"
+SEARCH_FILE = "search.json"
+PARETO_FILE = "pareto.json"
+PARETO_PLOT = "pareto.png"
+ARCHIVE_FILE = "archive.sqlite"
+COMPLETE_OUTPUTS = (METRICS_FILE, COSTS_FILE, ADAPTER_DIR)
+"""Written only when a run completes; removed when a run starts afresh."""
+
+RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
+
 TRACKED_PACKAGES = (
     "strato-peft",
     "torch",
@@ -36,47 +65,113 @@ TRACKED_PACKAGES = (
 )
 
 
-def _fmt(value: float) -> str:
-    return f"{value:g}"
+def eval_file(task: str) -> str:
+    """``eval_<task>.json``: metrics of ``strato-peft eval`` on a run's adapter."""
+    return f"eval_{task}.json"
 
 
-def run_name(config: ExperimentConfig) -> str:
-    """``<method>_rank<r>[_lambda<l>]_seed<s>``; lambda only for STRATO, whose controls
-    are named ``strato-uniform`` / ``strato-random``."""
-    p = config.peft
-    name = f"{p.method}_rank{p.rank}"
-    if p.method == "strato":
-        name += f"_lambda{_fmt(p.strato.lambda_)}"
-        if p.strato.control != "none":
-            name = f"{p.method}-{p.strato.control}_rank{p.rank}"
-    return f"{name}_seed{config.seed}"
+def predictions_file(task: str) -> str:
+    """``predictions_<task>.jsonl``: the per-item outputs of ``strato-peft eval``."""
+    return f"predictions_{task}.jsonl"
 
 
-def run_dir(config: ExperimentConfig) -> Path:
-    """The run folder of ``config``."""
-    return Path(config.output.dir) / config.model.name / config.task.name / run_name(config)
+class RunFileError(ValueError):
+    """A run-folder file is missing, unreadable or of the wrong shape (the message says which)."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; :class:`RunFileError` naming the file when it is missing or bad."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunFileError(f"{Path(path).name} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise RunFileError(
+            f"{Path(path).name} is unreadable ({exc.__class__.__name__}: {exc})"
+        ) from None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """:func:`read_json` for files that hold one JSON object."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise RunFileError(f"{Path(path).name} is not a JSON object")
+    return data
+
+
+def read_json_or(path: Path, default: Any) -> Any:
+    """The JSON in ``path``, or ``default`` when it is missing or unreadable (optional files)."""
+    try:
+        return read_json(path)
+    except RunFileError:
+        return default
+
+
+def read_status(folder: Path) -> dict[str, Any]:
+    """``status.json`` of a run folder (``{}`` when there is none or it is unreadable)."""
+    data = read_json_or(Path(folder) / STATUS_FILE, {})
+    return data if isinstance(data, dict) else {}
+
+
+def write_status(folder: Path, status: str, **extra: Any) -> None:
+    """Set a run's status (``running``, ``complete`` or ``failed``), keeping ``started_at``."""
+    previous = read_status(folder)
+    data = {"status": status, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+    data["started_at"] = (
+        previous.get("started_at", data["updated_at"]) if status != RUNNING else data["updated_at"]
+    )
+    atomic_write_json(Path(folder) / STATUS_FILE, data)
+
+
+def run_dir(config: ExperimentConfig, label: str) -> Path:
+    """The run folder of ``config``: ``<output.dir>/<model>/<task>/<label>_seed<s>``.
+
+    ``label`` is the method's :meth:`~strato_peft.methods.Method.run_label` (the method
+    owns its naming; :func:`strato_peft.methods.run_folder` puts the two together).
+    """
+    name = f"{label}_seed{config.seed}"
+    return Path(config.output.dir) / config.model.name / config.task.name / name
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _publish(path: str | Path, directory: bool = False) -> None:
+    """The one permission policy: what the umask allows (mkstemp/mkdtemp give 0600/0700,
+    which would hide results from the other users of a shared results folder)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _publish(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` for text (UTF-8)."""
+    if not isinstance(text, str):
+        raise TypeError(f"atomic_write_text writes str, not {type(text).__name__}")
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """JSON variant of :func:`atomic_write_text` (indented, sorted keys)."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 @contextlib.contextmanager
@@ -87,6 +182,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
+        _publish(tmp, directory=True)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -95,9 +191,12 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    """JSON variant of :func:`atomic_write_text` (indented, sorted keys)."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+def remove(path: Path) -> None:
+    """Delete a run file or folder if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def save_resolved_config(config: ExperimentConfig, folder: Path) -> Path:

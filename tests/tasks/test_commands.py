@@ -131,6 +131,20 @@ def test_eval_writes_metrics_and_predictions_atomically(
     lines = (run_dir / "predictions_gsm8k.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["test/0", "test/1"]
     assert not list(run_dir.glob(".*.tmp"))
+    # One permission policy for every run file: eval outputs are as readable as the rest
+    # (a private mkstemp would leave them 0600 while config.yaml is 0644).
+    import os
+
+    from strato_peft.results import atomic_write_json
+
+    atomic_write_json(run_dir / "metrics.json", {})
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {
+        name: (run_dir / name).stat().st_mode & 0o777
+        for name in ("eval_gsm8k.json", "predictions_gsm8k.jsonl", "metrics.json")
+    }
+    assert set(modes.values()) == {0o666 & ~mask}, modes
 
 
 def test_eval_script_rejects_a_folder_without_config(tmp_path: Path) -> None:

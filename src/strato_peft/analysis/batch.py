@@ -75,8 +75,8 @@ def plan_jobs(configs: list[Path], seeds: tuple[int, ...], overrides: list[str])
     """One job per (config, seed), with its run folder (``None`` when the config is invalid)."""
     from strato_peft.config import load_config
     from strato_peft.config.loader import ConfigError
-    from strato_peft.results import run_dir
-    from strato_peft.training.run import read_status
+    from strato_peft.methods import run_folder
+    from strato_peft.results import COMPLETE, read_status
 
     jobs = []
     for config in configs:
@@ -93,11 +93,11 @@ def plan_jobs(configs: list[Path], seeds: tuple[int, ...], overrides: list[str])
             for override in overrides:
                 command += ["--override", override]
             try:
-                folder = run_dir(load_config(config, overrides, seed=seed))
+                folder = run_folder(load_config(config, overrides, seed=seed))
             except (ConfigError, ValueError) as exc:
                 jobs.append(Job(config, seed, None, INVALID, error=str(exc), command=command))
                 continue
-            status = SKIPPED if read_status(folder).get("status") == "complete" else "pending"
+            status = SKIPPED if read_status(folder).get("status") == COMPLETE else "pending"
             jobs.append(Job(config, seed, folder, status, command=command))
     return jobs
 
@@ -109,7 +109,7 @@ def run_jobs(
     progress: Callable[[int, int, Job], None] | None = None,
 ) -> list[Job]:
     """Run the pending jobs in order; a failure is retried ``retries`` times, then reported."""
-    from strato_peft.training.run import read_status
+    from strato_peft.results import COMPLETE, read_status
 
     pending = [j for j in jobs if j.status == "pending"]
     for index, job in enumerate(pending, start=1):
@@ -120,7 +120,7 @@ def run_jobs(
             job.attempts += 1
             code = runner(job.command)
             status = read_status(job.run_dir).get("status") if job.run_dir else None
-            if code == 0 and status in (None, "complete"):
+            if code == 0 and status in (None, COMPLETE):
                 job.status = DONE if job.attempts == 1 else RETRIED
                 break
             job.status = FAILED

@@ -188,10 +188,10 @@ def save_all(figures: dict[str, Figure], out_dir: Path, dpi: int = 100) -> list[
 # -- dynamic rank schedule (rank_history.json: step -> module -> rank) ----------------------
 def load_rank_history(path: Path) -> dict[int, dict[str, int]]:
     """``rank_history.json`` of a run folder (or the file itself), steps as ints."""
-    import json
+    from strato_peft.results import RANK_HISTORY_FILE, read_json_object
 
-    path = path / "rank_history.json" if path.is_dir() else path
-    return {int(step): ranks for step, ranks in json.loads(path.read_text()).items()}
+    path = path / RANK_HISTORY_FILE if path.is_dir() else path
+    return {int(step): ranks for step, ranks in read_json_object(path).items()}
 
 
 def rank_over_steps(

@@ -24,6 +24,21 @@ from typing import Any
 
 import yaml
 
+from strato_peft.results import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    COMPLETE,
+    CONFIG_FILE,
+    COSTS_FILE,
+    ENV_FILE,
+    METRICS_FILE,
+    STATUS_FILE,
+    RunFileError,
+    read_json_object,
+    read_json_or,
+)
+
 log = logging.getLogger(__name__)
 
 PRIMARY_METRICS: dict[str, str] = {
@@ -38,9 +53,9 @@ headline filter); Alpaca has no reference answers, so its score is the held-out 
 LOSS_METRIC = "eval_loss"
 PRIMARY = "primary"
 RUN_NAME = re.compile(
-    r"^(?P<method>[a-z0-9]+)_rank(?P<rank>\d+)(?:_lambda(?P<lam>[^_]+))?_seed(?P<seed>\d+)$"
+    r"^(?P<method>[a-z0-9_-]+?)_rank(?P<rank>\d+)(?:_lambda(?P<lam>[^_]+))?_seed(?P<seed>\d+)$"
 )
-REQUIRED_FILES = ("config.yaml", "metrics.json", "costs.json")
+"""A run folder's name: the method's run label (``Method.run_label``) and the seed."""
 
 
 @dataclass
@@ -106,35 +121,20 @@ def score_points(metric: str, task_metrics: dict[str, Any], eval_loss: float | N
     return 100.0 * float(value)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path.name} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path.name} is unreadable ({exc.__class__.__name__}: {exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path.name} is not a JSON object")
-    return data
-
-
 def _read_config(folder: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load((folder / "config.yaml").read_text())
+        data = yaml.safe_load((folder / CONFIG_FILE).read_text())
     except FileNotFoundError:
-        raise ValueError("config.yaml is missing") from None
+        raise ValueError(f"{CONFIG_FILE} is missing") from None
     except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"config.yaml is unreadable ({exc.__class__.__name__})") from None
+        raise ValueError(f"{CONFIG_FILE} is unreadable ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
-        raise ValueError("config.yaml is not a mapping")
+        raise ValueError(f"{CONFIG_FILE} is not a mapping")
     return data
 
 
 def _rank_pattern(folder: Path) -> dict[str, int] | None:
-    try:
-        data = json.loads((folder / "adapter" / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        return None
+    data = read_json_or(folder / ADAPTER_DIR / ADAPTER_CONFIG_FILE, None)
     pattern = data.get("rank_pattern") if isinstance(data, dict) else None
     if not isinstance(pattern, dict) or not pattern:
         return None
@@ -149,23 +149,26 @@ def load_run(folder: Path, metric: str = PRIMARY, cost_model: bool = True) -> Ru
     """Read one run folder; a :class:`Skipped` (with the reason) unless it is complete and sound."""
     folder = Path(folder)
     try:
-        status = _read_json(folder / "status.json").get("status")
-    except ValueError as exc:
+        status = read_json_object(folder / STATUS_FILE).get("status")
+    except RunFileError as exc:
         return Skipped(folder, f"{exc}: not a finished run")
-    if status != "complete":
-        return Skipped(folder, f"status is {status!r}, not 'complete'")
+    if status != COMPLETE:
+        return Skipped(folder, f"status is {status!r}, not {COMPLETE!r}")
     try:
         config = _read_config(folder)
-        metrics = _read_json(folder / "metrics.json")
-        costs = _read_json(folder / "costs.json")
-        env = _read_json(folder / "env.json") if (folder / "env.json").exists() else {}
+        metrics = read_json_object(folder / METRICS_FILE)
+        costs = read_json_object(folder / COSTS_FILE)
+        env = read_json_object(folder / ENV_FILE) if (folder / ENV_FILE).exists() else {}
         peft, task_cfg = config.get("peft") or {}, config.get("task") or {}
         task = str(task_cfg["name"])
-        method = str(peft["method"])
         rank = int(peft["rank"])
         seed = int(config["seed"])
         model = str((config.get("model") or {})["name"])
-        lam = (peft.get("strato") or {}).get("lambda") if method == "strato" else None
+        # The folder's name is the method's own run label (a STRATO control is
+        # 'strato-uniform'); a renamed copy falls back to the config's method.
+        label = RUN_NAME.match(folder.name)
+        method = label["method"] if label else str(peft["method"])
+        lam = label["lam"] if label else None
         final = metrics.get("final") or {}
         eval_loss = final.get("eval_loss")
         task_metrics = metrics.get("task") or {}
@@ -242,7 +245,7 @@ def _cost_model_flops(folder: Path) -> float | None:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # transformers/peft deprecation noise
-            report = dry_run_report(load_config(folder / "config.yaml"))
+            report = dry_run_report(load_config(folder / CONFIG_FILE))
         if "note" in report:
             # A searched allocation (STRATO): the dry run prices its reference LoRA, not
             # what the search chose; the measured figure of the trained adapter is truer.
@@ -255,9 +258,9 @@ def _cost_model_flops(folder: Path) -> float | None:
 
 def _candidate_folders(results_dir: Path) -> list[Path]:
     found: set[Path] = set()
-    for marker in ("status.json", "config.yaml", "metrics.json"):
+    for marker in (STATUS_FILE, CONFIG_FILE, METRICS_FILE):
         for path in results_dir.rglob(marker):
-            if not {"checkpoints", "adapter"} & set(path.relative_to(results_dir).parts[:-1]):
+            if not {CHECKPOINTS_DIR, ADAPTER_DIR} & set(path.relative_to(results_dir).parts[:-1]):
                 found.add(path.parent)
     for path in results_dir.rglob("*_seed*"):
         if path.is_dir() and RUN_NAME.match(path.name):

@@ -14,13 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from strato_peft.results import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    atomic_write_json,
+    atomic_write_text,
+    eval_file,
+    predictions_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _device(requested: str | None) -> Any:
     import torch
 
@@ -77,7 +70,7 @@ def evaluate_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     from strato_peft.tasks import load_task
 
     run_dir: Path = args.checkpoint
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / CONFIG_FILE)
     task_cfg = config.task
     if args.task is not None and args.task != task_cfg.name:
         task_cfg = TaskConfig(name=args.task, max_length=task_cfg.max_length)
@@ -92,7 +85,7 @@ def evaluate_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     started = time.perf_counter()
     tokenizer = load_tokenizer(config.model)
     model: Any = load_model(config.model, seed=config.seed)
-    adapter = run_dir / "adapter"
+    adapter = run_dir / ADAPTER_DIR
     use_adapter = not args.no_adapter and adapter.is_dir()
     if use_adapter:
         from peft import PeftModel
@@ -119,20 +112,20 @@ def evaluate_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
         "device": str(device),
         "python": platform.python_version(),
     }
-    out = run_dir / f"eval_{task.name}.json"
-    write_atomic(out, json.dumps(report, indent=2) + "\n")
+    out = run_dir / eval_file(task.name)
+    atomic_write_json(out, report)
     predictions = getattr(task, "last_predictions", None)
     if predictions:
         lines = "".join(json.dumps(row) + "\n" for row in predictions)
-        write_atomic(run_dir / f"predictions_{task.name}.jsonl", lines)
+        atomic_write_text(run_dir / predictions_file(task.name), lines)
     return out, report
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if not (args.checkpoint / "config.yaml").is_file():
+    if not (args.checkpoint / CONFIG_FILE).is_file():
         print(
-            f"strato-peft eval: {args.checkpoint / 'config.yaml'} not found (is it a run folder?)",
+            f"strato-peft eval: {args.checkpoint / CONFIG_FILE} not found (is it a run folder?)",
             file=sys.stderr,
         )
         return 1

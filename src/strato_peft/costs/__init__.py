@@ -7,11 +7,18 @@ meta device::
     from strato_peft import costs
 
     arch = costs.LLAMA2_7B  # or costs.Architecture.from_hf_config(model.config)
-    lora = costs.estimate_costs(arch, costs.uniform_allocation(arch, 16, ["q_proj", "v_proj"]),
-                                batch_size=4, seq_len=512)
+    settings = costs.CostSettings(batch_size=4, seq_len=512)
+    qv = ["q_proj", "v_proj"]
+    lora = costs.estimate_costs(arch, costs.uniform_allocation(arch, 16, qv), settings=settings)
     upper = costs.estimate_costs(arch, costs.uniform_allocation(
-        arch, 16, ["q_proj", "v_proj"], layers=costs.upper_layers(arch)), batch_size=4, seq_len=512)
-    upper.relative_to(lora)  # {"params": 0.5, "train_flops": 0.72..., ...}
+        arch, 16, qv, layers=costs.upper_layers(arch)), settings=settings)
+    upper.relative_to(lora)  # {"params": 0.5, "train_flops": 0.75..., ...}
+    dora = costs.estimate_costs(arch, costs.uniform_allocation(arch, 16, qv),
+                                costs.CostTerms(magnitude_vector=True), settings)
+
+What a method adds beyond LoRA's ``A`` and ``B`` is its :class:`CostTerms`
+(declared by the method, ``Method.cost_terms``); the cost model prices those
+terms and never asks a method's name.
 """
 
 from strato_peft.costs.allocation import (
@@ -19,7 +26,6 @@ from strato_peft.costs.allocation import (
     adalora_effective_ranks,
     allocation_from_peft_model,
     lowest_adapted_layer,
-    method_of_peft_model,
     parse_module_name,
     resolve_allocation,
     uniform_allocation,
@@ -36,11 +42,10 @@ from strato_peft.costs.architecture import (
     adaptable_slots,
     module_name,
 )
-from strato_peft.costs.flops import METHODS, FlopCount, forward_flops, training_flops
+from strato_peft.costs.flops import FlopCount, forward_flops, training_flops
 from strato_peft.costs.memory import (
     MemoryEstimate,
     activation_bytes,
-    dtype_bytes,
     logits_bytes,
     memory_estimate,
 )
@@ -50,17 +55,28 @@ from strato_peft.costs.report import (
     estimate_costs_for_peft_model,
     trainable_params,
 )
+from strato_peft.costs.terms import (
+    DEFAULT_SETTINGS,
+    PLAIN_LORA,
+    CostSettings,
+    CostTerms,
+    cost_terms_of_peft_model,
+    dtype_bytes,
+)
 
 __all__ = [
+    "DEFAULT_SETTINGS",
     "KNOWN_ARCHITECTURES",
     "LLAMA2_7B",
     "LLAMA2_13B",
-    "METHODS",
     "MODULE_TYPES",
+    "PLAIN_LORA",
     "SMOLLM2_135M",
     "Allocation",
     "Architecture",
     "CostReport",
+    "CostSettings",
+    "CostTerms",
     "FlopCount",
     "MemoryEstimate",
     "Slot",
@@ -68,6 +84,7 @@ __all__ = [
     "adalora_effective_ranks",
     "adaptable_slots",
     "allocation_from_peft_model",
+    "cost_terms_of_peft_model",
     "dtype_bytes",
     "estimate_costs",
     "estimate_costs_for_peft_model",
@@ -75,7 +92,6 @@ __all__ = [
     "logits_bytes",
     "lowest_adapted_layer",
     "memory_estimate",
-    "method_of_peft_model",
     "module_name",
     "parse_module_name",
     "resolve_allocation",

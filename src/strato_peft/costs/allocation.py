@@ -92,18 +92,6 @@ def allocation_from_peft_model(peft_model: Any, adapter_name: str = "default") -
     return allocation
 
 
-def method_of_peft_model(peft_model: Any, adapter_name: str = "default") -> str:
-    """``"lora"``, ``"dora"`` or ``"adalora"``: the cost-model method of an instantiated peft model."""
-    for _, module in _peft_adapter_modules(peft_model, adapter_name):
-        if hasattr(module, "lora_E"):
-            return "adalora"
-        magnitude = getattr(module, "lora_magnitude_vector", None)
-        if magnitude is not None and adapter_name in magnitude:
-            return "dora"
-        return "lora"
-    return "lora"
-
-
 def adalora_effective_ranks(peft_model: Any, adapter_name: str = "default") -> Allocation:
     """Module name -> rank AdaLoRA's budget keeps (its mask), or the allocated rank before masking.
 

@@ -32,18 +32,21 @@ The lm_head costs ``2 h V`` per token forward and the same again backward (its
 input gradient) once any adapter exists; the embedding lookup is a gather
 (no FLOPs) and gets no gradient.
 
-Method-specific terms, per adapted module and per forward call (not per token):
+Terms beyond plain LoRA, as a method declares them in its
+:class:`~strato_peft.costs.terms.CostTerms`, per adapted module and per forward
+call (not per token):
 
-* DoRA (Liu et al. 2024, arXiv:2402.09353; peft ``DoraLinearLayer``): the
-  column norm ``||W + s B A||`` needs ``B A``, which peft builds as
+* magnitude vector (DoRA, Liu et al. 2024, arXiv:2402.09353; peft
+  ``DoraLinearLayer``): the column norm ``||W + s B A||`` needs ``B A``, which peft builds as
   ``B(A(I_{d_in}))``: ``2 d_in^2 r + 2 d_in r d_out`` FLOPs, detached (no
   backward). With ``lora_dropout > 0`` peft also recomputes the base output on
   the dropped-out input: another ``2 d_in d_out`` per token forward and
   backward (if ``x`` requires a gradient).
-* AdaLoRA (Zhang et al. 2023, arXiv:2303.10512): the orthogonality
-  regulariser ``||A A^T - I|| + ||B^T B - I||`` costs ``2 r^2 (d_in + d_out)``
-  forward and twice that backward. The masked singular values are still
-  multiplied, so FLOPs follow the allocated rank.
+* orthogonality regulariser (AdaLoRA, Zhang et al. 2023, arXiv:2303.10512):
+  ``||A A^T - I|| + ||B^T B - I||`` costs ``2 r^2 (d_in + d_out)`` forward and
+  twice that backward. AdaLoRA's singular values are still multiplied where
+  masked, so FLOPs follow the allocated rank; their elementwise product adds
+  no matmul FLOPs.
 
 Gradient checkpointing re-runs the forward of every layer the backward passes
 through (non-reentrant checkpointing, HF's default), less the closing matmul
@@ -57,14 +60,7 @@ from dataclasses import dataclass
 
 from strato_peft.costs.allocation import resolve_allocation
 from strato_peft.costs.architecture import MODULE_TYPES, Architecture
-
-METHODS: tuple[str, ...] = ("lora", "dora", "adalora")
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    return method
+from strato_peft.costs.terms import DEFAULT_SETTINGS, PLAIN_LORA, CostSettings, CostTerms
 
 
 @dataclass(frozen=True)
@@ -97,6 +93,8 @@ class FlopCount:
 
 
 class _Tally:
+    """Per-token FLOPs accumulated over the layers, by pass and by owner."""
+
     def __init__(self) -> None:
         self.fwd_base = 0.0
         self.fwd_adapter = 0.0
@@ -104,11 +102,12 @@ class _Tally:
         self.bwd_adapter = 0.0
 
     def total_forward(self) -> float:
+        """Forward FLOPs so far: what checkpointing's recomputation re-runs, layer by layer."""
         return self.fwd_base + self.fwd_adapter
 
 
 def _linear(
-    t: _Tally, d_in: int, d_out: int, rank: int, x_grad: bool, method: str, dropout: bool
+    t: _Tally, d_in: int, d_out: int, rank: int, x_grad: bool, terms: CostTerms, dropout: bool
 ) -> bool:
     """Add one linear layer's per-token FLOPs; return whether its output requires a gradient."""
     base = 2.0 * d_in * d_out
@@ -120,7 +119,7 @@ def _linear(
     t.fwd_adapter += 2.0 * rank * (d_in + d_out)
     # weight grads of A and B, input grad of B, input grad of A when x needs one
     t.bwd_adapter += 2.0 * rank * (d_in + 2 * d_out) + (2.0 * rank * d_in if x_grad else 0.0)
-    if method == "dora" and dropout:
+    if terms.magnitude_vector and dropout:  # base output recomputed on the dropped-out input
         t.fwd_adapter += base
         if x_grad:
             t.bwd_adapter += base
@@ -128,73 +127,72 @@ def _linear(
 
 
 def _per_call_overhead(
-    d_in: int, d_out: int, rank: int, method: str, orth_reg: bool
-) -> tuple[float, float]:
-    """(forward, backward) FLOPs per module and forward call that do not scale with tokens."""
-    if method == "dora":
-        return 2.0 * d_in * d_in * rank + 2.0 * d_in * rank * d_out, 0.0
-    if method == "adalora" and orth_reg:
-        forward = 2.0 * rank * rank * (d_in + d_out)
-        return forward, 2.0 * forward
-    return 0.0, 0.0
+    d_in: int, d_out: int, rank: int, terms: CostTerms
+) -> tuple[float, float, float]:
+    """FLOPs per module and forward call that do not scale with tokens.
+
+    Returns (forward inside the decoder layer, forward outside it, backward). Only
+    what runs inside the layer is re-run by gradient checkpointing: DoRA's norm is
+    built in the layer's forward, AdaLoRA's regulariser in the loss.
+    """
+    in_layer = outside = backward = 0.0
+    if terms.magnitude_vector:  # the norm's B(A(I)), detached: no backward
+        in_layer += 2.0 * d_in * d_in * rank + 2.0 * d_in * rank * d_out
+    if terms.orthogonality_regularizer:
+        outside += 2.0 * rank * rank * (d_in + d_out)
+        backward += 2.0 * outside
+    return in_layer, outside, backward
 
 
-def _not_recomputed(arch: Architecture, down_rank: int, method: str) -> float:
+def _not_recomputed(arch: Architecture, down_rank: int, terms: CostTerms) -> float:
     """Per-token forward FLOPs closing a layer that checkpointing's recomputation skips.
 
     Non-reentrant ``torch.utils.checkpoint`` stops re-running a layer once the
     last tensor saved for the backward is rebuilt (early stop). Measured with
     FlopCounterMode: the closing matmul of down_proj (the frozen base, or
-    LoRA's ``B``) is skipped; DoRA and AdaLoRA follow ``B`` with ops that save
-    tensors, so their whole layer re-runs.
+    LoRA's ``B``) is skipped; a magnitude vector (DoRA) or singular values
+    (AdaLoRA) follow ``B`` with ops that save tensors, so their whole layer re-runs.
     """
     if down_rank == 0:
         return 2.0 * arch.intermediate_size * arch.hidden_size
-    return 2.0 * down_rank * arch.hidden_size if method == "lora" else 0.0
+    return 2.0 * down_rank * arch.hidden_size if terms.plain_lora else 0.0
 
 
 def training_flops(
     arch: Architecture,
     allocation: Mapping[str, int],
-    method: str = "lora",
-    *,
-    batch_size: int = 1,
-    seq_len: int = 512,
-    lora_dropout: float = 0.0,
-    gradient_checkpointing: bool = False,
-    input_requires_grad: bool = False,
-    adalora_orth_reg: bool = True,
+    terms: CostTerms = PLAIN_LORA,
+    settings: CostSettings = DEFAULT_SETTINGS,
 ) -> FlopCount:
     """FLOPs of one forward + backward on ``batch_size x seq_len`` tokens (see the module docstring).
 
-    ``input_requires_grad=True`` models ``model.enable_input_require_grads()``
-    (which HF's ``gradient_checkpointing_enable`` calls): the embedding output
-    then requires a gradient and the backward runs through every layer.
-    ``adalora_orth_reg=False``: peft adds AdaLoRA's regulariser only in
-    ``PeftModelForCausalLM`` (``task_type="CAUSAL_LM"``), not in a bare ``PeftModel``.
+    Of ``settings`` this reads the token shape, ``lora_dropout``,
+    ``gradient_checkpointing`` and ``input_requires_grad`` (with it the backward
+    runs through every layer); dtypes and the optimizer do not change FLOPs.
     """
-    check_method(method)
+    batch_size, seq_len = settings.batch_size, settings.seq_len
     ranks: dict[tuple[int, str], int] = {
         (slot.layer, slot.module_type): rank for slot, rank in resolve_allocation(arch, allocation)
     }
     tokens = float(batch_size * seq_len)
-    dropout = lora_dropout > 0
+    dropout = settings.lora_dropout > 0
     t = _Tally()
     per_call_fwd = per_call_bwd = recompute = 0.0
     attn_product = (
         2.0 * seq_len * arch.num_attention_heads * arch.head_size
     )  # per token, per product
-    grad = input_requires_grad
+    grad = settings.input_requires_grad
     for layer in range(arch.num_hidden_layers):
         layer_start = t.total_forward()
-        layer_calls = 0.0
+        layer_calls = loss_calls = 0.0
         out: dict[str, bool] = {}
         for module_type in MODULE_TYPES:
             rank = ranks.get((layer, module_type), 0)
             d_in, d_out = arch.module_shape(module_type)
             if rank:
-                fwd, bwd = _per_call_overhead(d_in, d_out, rank, method, adalora_orth_reg)
-                layer_calls += fwd
+                in_layer, outside, bwd = _per_call_overhead(d_in, d_out, rank, terms)
+                layer_calls += in_layer
+                loss_calls += outside
                 per_call_bwd += bwd
             if module_type in ("q_proj", "k_proj", "v_proj"):
                 x_grad = grad
@@ -210,14 +208,13 @@ def training_flops(
                 x_grad = grad or out["o_proj"]
             else:
                 x_grad = out["gate_proj"] or out["up_proj"]
-            out[module_type] = _linear(t, d_in, d_out, rank, x_grad, method, dropout)
-        per_call_fwd += layer_calls
+            out[module_type] = _linear(t, d_in, d_out, rank, x_grad, terms, dropout)
+        per_call_fwd += layer_calls + loss_calls
         grad = grad or out["o_proj"] or out["down_proj"]
-        if gradient_checkpointing and grad:
-            skipped = _not_recomputed(arch, ranks.get((layer, "down_proj"), 0), method)
+        if settings.gradient_checkpointing and grad:
+            skipped = _not_recomputed(arch, ranks.get((layer, "down_proj"), 0), terms)
             recompute += (t.total_forward() - layer_start - skipped) * tokens
-            if method == "dora":  # the norm's B A is built inside the layer, so it re-runs too
-                recompute += layer_calls
+            recompute += layer_calls  # per-call work built inside the layer (DoRA's norm)
     lm_head = 2.0 * arch.hidden_size * arch.vocab_size
     t.fwd_base += lm_head
     if grad:
@@ -234,13 +231,12 @@ def training_flops(
 def forward_flops(
     arch: Architecture,
     allocation: Mapping[str, int],
-    method: str = "lora",
-    *,
-    batch_size: int = 1,
-    seq_len: int = 512,
-    lora_dropout: float = 0.0,
+    terms: CostTerms = PLAIN_LORA,
+    settings: CostSettings = DEFAULT_SETTINGS,
 ) -> float:
-    """FLOPs of one forward pass (training mode) on ``batch_size x seq_len`` tokens."""
-    return training_flops(
-        arch, allocation, method, batch_size=batch_size, seq_len=seq_len, lora_dropout=lora_dropout
-    ).forward
+    """FLOPs of one forward pass (training mode) on ``batch_size x seq_len`` tokens.
+
+    The forward does not depend on which inputs require a gradient, nor on checkpointing
+    (its re-run is :attr:`FlopCount.recompute`, not part of the forward).
+    """
+    return training_flops(arch, allocation, terms, settings).forward

@@ -15,8 +15,8 @@
   - RMSNorm on an input needing a gradient: its fp32 copy and rsqrt, ``4 (h + 1)``;
   - adapter on ``x`` (width ``d_in``): ``x`` (shared by q/k/v, or gate/up, when
     ``a == e`` and no dropout; else one ``a``-byte copy each, plus a 1-byte
-    mask with dropout) and ``A x`` (``r a``); DoRA also keeps the base and
-    LoRA outputs for the magnitude's gradient, ``d_out (e + a)``;
+    mask with dropout) and ``A x`` (``r a``); a magnitude vector (DoRA) also
+    keeps the base and LoRA outputs for the magnitude's gradient, ``d_out (e + a)``;
   - eager attention: ``Q`` if ``K`` needs a gradient, ``K`` if ``Q`` does
     (``n_heads head_dim e`` each, after repeat_kv), the fp32 softmax output
     ``4 n_heads S`` when the scores need a gradient, its ``e``-byte copy when
@@ -42,21 +42,14 @@ from dataclasses import asdict, dataclass
 
 from strato_peft.costs.allocation import resolve_allocation
 from strato_peft.costs.architecture import Architecture
-
-DTYPE_BYTES: dict[str, float] = {
-    "fp32": 4, "float32": 4, "tf32": 4,
-    "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
-    "int8": 1, "fp8": 1, "nf4": 0.5, "int4": 0.5, "fp4": 0.5,
-}  # fmt: skip
-OPTIMIZER_STATES: dict[str, int] = {"adamw": 2, "adam": 2, "sgd": 0, "sgd_momentum": 1}
-
-
-def dtype_bytes(dtype: str) -> float:
-    """Bytes per element of a dtype name (``"bf16"``, ``"torch.float32"``, ``"nf4"``, ...)."""
-    key = str(dtype).removeprefix("torch.").lower()
-    if key not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
-    return DTYPE_BYTES[key]
+from strato_peft.costs.terms import (
+    DEFAULT_SETTINGS,
+    OPTIMIZER_STATES,
+    PLAIN_LORA,
+    CostSettings,
+    CostTerms,
+    dtype_bytes,
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +68,7 @@ class MemoryEstimate:
         return sum(asdict(self).values())
 
     def as_dict(self) -> dict[str, int]:
+        """Whole bytes per component: the ``memory_breakdown`` of the JSON reports."""
         return {key: round(value) for key, value in asdict(self).items()}
 
 
@@ -96,7 +90,7 @@ def _layer_activations(
     arch: Architecture,
     rank: dict[str, int],
     grad_in: bool,
-    method: str,
+    terms: CostTerms,
     e: float,
     a: float,
     seq_len: int,
@@ -129,7 +123,7 @@ def _layer_activations(
     gate, up = hidden or r["gate_proj"] > 0, hidden or r["up_proj"] > 0
     saved += inter * e * (2 * gate + up)
     saved += _adapter_input(inter, [r["down_proj"]], e, a, dropout)
-    if method == "dora":
+    if terms.magnitude_vector:  # base and LoRA outputs, for the magnitude's gradient
         saved += sum(arch.module_shape(m)[1] * (e + a) for m, rk in r.items() if rk)
     return saved, hidden or gate or up or r["down_proj"] > 0
 
@@ -137,26 +131,22 @@ def _layer_activations(
 def activation_bytes(
     arch: Architecture,
     allocation: Mapping[str, int],
-    method: str = "lora",
-    *,
-    batch_size: int = 1,
-    seq_len: int = 512,
-    activation_dtype: str = "bf16",
-    adapter_dtype: str = "fp32",
-    lora_dropout: float = 0.0,
-    gradient_checkpointing: bool = False,
-    input_requires_grad: bool = False,
-    attn_implementation: str = "eager",
+    terms: CostTerms = PLAIN_LORA,
+    settings: CostSettings = DEFAULT_SETTINGS,
 ) -> float:
-    """Bytes autograd saves for the backward in the decoder stack and final norm (logits apart)."""
-    if attn_implementation not in ("eager", "sdpa", "flash_attention_2"):
-        raise ValueError(f"unknown attn_implementation {attn_implementation!r}")
-    e, a = dtype_bytes(activation_dtype), dtype_bytes(adapter_dtype)
+    """Bytes autograd saves for the backward in the decoder stack and final norm (logits apart).
+
+    Activations are saved in ``settings.resolved_activation_dtype`` (the weights'
+    dtype unless ``activation_dtype`` is set); the optimizer does not enter.
+    """
+    batch_size, seq_len = settings.batch_size, settings.seq_len
+    e = dtype_bytes(settings.resolved_activation_dtype)
+    a = dtype_bytes(settings.adapter_dtype)
     ranks: dict[int, dict[str, int]] = {}
     for slot, rk in resolve_allocation(arch, allocation):
         ranks.setdefault(slot.layer, {})[slot.module_type] = rk
     tokens = batch_size * seq_len
-    grad = input_requires_grad
+    grad = settings.input_requires_grad
     per_layer: list[float] = []
     for layer in range(arch.num_hidden_layers):
         grad_in = grad
@@ -164,16 +154,16 @@ def activation_bytes(
             arch,
             ranks.get(layer, {}),
             grad_in,
-            method,
+            terms,
             e,
             a,
             seq_len,
-            lora_dropout > 0,
-            attn_implementation,
+            settings.lora_dropout > 0,
+            settings.attn_implementation,
         )
         if saved:
             per_layer.append(saved * tokens)
-    if gradient_checkpointing and per_layer:
+    if settings.gradient_checkpointing and per_layer:
         stack = len(per_layer) * arch.hidden_size * e * tokens + max(per_layer)
     else:
         stack = sum(per_layer)
@@ -191,42 +181,22 @@ def logits_bytes(arch: Architecture, batch_size: int, seq_len: int, activation_d
 def memory_estimate(
     arch: Architecture,
     allocation: Mapping[str, int],
-    method: str,
+    terms: CostTerms,
     trainable_params: int,
-    *,
-    batch_size: int = 1,
-    seq_len: int = 512,
-    weight_dtype: str = "bf16",
-    activation_dtype: str | None = None,
-    adapter_dtype: str = "fp32",
-    optimizer: str = "adamw",
-    lora_dropout: float = 0.0,
-    gradient_checkpointing: bool = False,
-    input_requires_grad: bool = False,
-    attn_implementation: str = "eager",
+    settings: CostSettings = DEFAULT_SETTINGS,
 ) -> MemoryEstimate:
-    """Memory of one training step by component (see the module docstring for each formula)."""
-    if optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZER_STATES)}")
-    act_dtype = activation_dtype or weight_dtype
-    a = dtype_bytes(adapter_dtype)
+    """Memory of one training step by component (see the module docstring for each formula).
+
+    ``trainable_params`` is :func:`strato_peft.costs.trainable_params` of the same
+    allocation and terms (passed in, not recomputed, so callers price it once).
+    """
+    a = dtype_bytes(settings.adapter_dtype)
+    act_dtype = settings.resolved_activation_dtype
     return MemoryEstimate(
-        frozen_weights=arch.base_params() * dtype_bytes(weight_dtype),
+        frozen_weights=arch.base_params() * dtype_bytes(settings.weight_dtype),
         adapter_params=trainable_params * a,
         gradients=trainable_params * a,
-        optimizer_states=trainable_params * 4.0 * OPTIMIZER_STATES[optimizer],
-        activations=activation_bytes(
-            arch,
-            allocation,
-            method,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            activation_dtype=act_dtype,
-            adapter_dtype=adapter_dtype,
-            lora_dropout=lora_dropout,
-            gradient_checkpointing=gradient_checkpointing,
-            input_requires_grad=input_requires_grad,
-            attn_implementation=attn_implementation,
-        ),
-        logits=logits_bytes(arch, batch_size, seq_len, act_dtype),
+        optimizer_states=trainable_params * 4.0 * OPTIMIZER_STATES[settings.optimizer],
+        activations=activation_bytes(arch, allocation, terms, settings),
+        logits=logits_bytes(arch, settings.batch_size, settings.seq_len, act_dtype),
     )

@@ -1,9 +1,16 @@
-"""One call that prices an allocation: params, FLOPs and memory in a :class:`CostReport`."""
+"""One call that prices an allocation: params, FLOPs and memory in a :class:`CostReport`.
+
+Trainable parameters, per adapted module of shape ``d_in -> d_out`` with rank ``r``:
+LoRA's ``A`` (``r x d_in``) and ``B`` (``d_out x r``), ``r (d_in + d_out)``; a
+magnitude vector (DoRA) adds ``d_out``; singular values (AdaLoRA's ``E``) add ``r``
+(the allocated rank). Which of these a method has is its
+:class:`~strato_peft.costs.terms.CostTerms`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from strato_peft.costs.allocation import (
@@ -11,31 +18,34 @@ from strato_peft.costs.allocation import (
     adalora_effective_ranks,
     allocation_from_peft_model,
     lowest_adapted_layer,
-    method_of_peft_model,
     resolve_allocation,
 )
 from strato_peft.costs.architecture import Architecture
-from strato_peft.costs.flops import FlopCount, check_method, training_flops
+from strato_peft.costs.flops import FlopCount, training_flops
 from strato_peft.costs.memory import MemoryEstimate, memory_estimate
+from strato_peft.costs.terms import (
+    DEFAULT_SETTINGS,
+    PLAIN_LORA,
+    CostSettings,
+    CostTerms,
+    cost_terms_of_peft_model,
+)
 
 
 def trainable_params(
-    arch: Architecture, allocation: Mapping[str, int], method: str = "lora"
+    arch: Architecture, allocation: Mapping[str, int], terms: CostTerms = PLAIN_LORA
 ) -> int:
     """Trainable parameters of the adapters; equals ``sum(p.numel())`` over peft's trainable params.
 
-    Per adapted module of shape ``d_in -> d_out`` with rank ``r``:
-    LoRA ``r (d_in + d_out)`` (``A``: ``r x d_in``, ``B``: ``d_out x r``);
-    DoRA adds the magnitude vector, ``+ d_out``;
-    AdaLoRA adds the singular values ``E``, ``+ r`` (``r`` = allocated rank).
+    ``r (d_in + d_out)`` per adapted module, ``+ d_out`` with a magnitude vector,
+    ``+ r`` with singular values (see the module docstring).
     """
-    check_method(method)
     total = 0
     for slot, rank in resolve_allocation(arch, allocation):
         total += rank * (slot.d_in + slot.d_out)
-        if method == "dora":
+        if terms.magnitude_vector:
             total += slot.d_out
-        elif method == "adalora":
+        if terms.singular_values:
             total += rank
     return total
 
@@ -47,13 +57,12 @@ class CostReport:
     Per-token figures are per trained token of a micro-batch (per-call terms
     such as DoRA's norm amortised over its ``batch_size x seq_len`` tokens);
     a step is one optimizer step, ``grad_accum_steps`` micro-batches.
+    ``terms`` and ``settings`` are what was priced.
     """
 
     architecture: str
-    method: str
-    batch_size: int
-    seq_len: int
-    grad_accum_steps: int
+    terms: CostTerms
+    settings: CostSettings
     trainable_params: int
     adapted_modules: int
     lowest_adapted_layer: int | None
@@ -64,11 +73,22 @@ class CostReport:
     """Sum of the allocated ranks over adapted modules."""
     effective_rank_total: int | None = None
     """AdaLoRA: sum of the ranks its masks keep (``None`` for other methods)."""
-    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.settings.seq_len
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.settings.grad_accum_steps
 
     @property
     def tokens_per_micro_batch(self) -> int:
-        return self.batch_size * self.seq_len
+        return self.settings.tokens_per_micro_batch
 
     @property
     def forward_flops_per_token(self) -> float:
@@ -92,10 +112,15 @@ class CostReport:
         return self.memory.total
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready figures; ``settings`` holds the resolved ``activation_dtype``.
+
+        ``CostSettings(**to_dict()["settings"])`` and ``CostTerms(**to_dict()["cost_terms"])``
+        price the same costs again.
+        """
         tokens = self.tokens_per_micro_batch
         return {
             "architecture": self.architecture,
-            "method": self.method,
+            "cost_terms": asdict(self.terms),
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "grad_accum_steps": self.grad_accum_steps,
@@ -118,7 +143,10 @@ class CostReport:
             },
             "memory_bytes": round(self.memory_bytes),
             "memory_breakdown": self.memory.as_dict(),
-            "settings": dict(self.settings),
+            "settings": {
+                **asdict(self.settings),
+                "activation_dtype": self.settings.resolved_activation_dtype,
+            },
         }
 
     def relative_to(self, reference: CostReport) -> dict[str, float]:
@@ -143,20 +171,9 @@ class CostReport:
 def estimate_costs(
     arch: Architecture,
     allocation: Mapping[str, int],
-    method: str = "lora",
+    terms: CostTerms = PLAIN_LORA,
+    settings: CostSettings = DEFAULT_SETTINGS,
     *,
-    batch_size: int = 1,
-    seq_len: int = 512,
-    grad_accum_steps: int = 1,
-    weight_dtype: str = "bf16",
-    activation_dtype: str | None = None,
-    adapter_dtype: str = "fp32",
-    optimizer: str = "adamw",
-    lora_dropout: float = 0.0,
-    gradient_checkpointing: bool = False,
-    input_requires_grad: bool = False,
-    attn_implementation: str = "eager",
-    adalora_orth_reg: bool = True,
     effective_ranks: Mapping[str, int] | None = None,
 ) -> CostReport:
     """Price one allocation: trainable params, FLOPs (:mod:`.flops`) and memory (:mod:`.memory`).
@@ -165,83 +182,43 @@ def estimate_costs(
     :func:`adalora_effective_ranks`; reported as ``effective_trainable_params``
     while costs follow the allocated ranks, which the masked model still computes.
     """
-    check_method(method)
-    params = trainable_params(arch, allocation, method)
-    flops = training_flops(
-        arch,
-        allocation,
-        method,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        lora_dropout=lora_dropout,
-        gradient_checkpointing=gradient_checkpointing,
-        input_requires_grad=input_requires_grad,
-        adalora_orth_reg=adalora_orth_reg,
-    )
-    memory = memory_estimate(
-        arch,
-        allocation,
-        method,
-        params,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        weight_dtype=weight_dtype,
-        activation_dtype=activation_dtype,
-        adapter_dtype=adapter_dtype,
-        optimizer=optimizer,
-        lora_dropout=lora_dropout,
-        gradient_checkpointing=gradient_checkpointing,
-        input_requires_grad=input_requires_grad,
-        attn_implementation=attn_implementation,
-    )
+    params = trainable_params(arch, allocation, terms)
+    resolved = resolve_allocation(arch, allocation)
     effective = None
     if effective_ranks is not None:
-        effective = trainable_params(arch, effective_ranks, method)
-    settings = {
-        "weight_dtype": weight_dtype,
-        "activation_dtype": activation_dtype or weight_dtype,
-        "adapter_dtype": adapter_dtype,
-        "optimizer": optimizer,
-        "lora_dropout": lora_dropout,
-        "gradient_checkpointing": gradient_checkpointing,
-        "input_requires_grad": input_requires_grad,
-        "attn_implementation": attn_implementation,
-    }
+        effective = trainable_params(arch, effective_ranks, terms)
     return CostReport(
         architecture=arch.name,
-        method=method,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        grad_accum_steps=grad_accum_steps,
+        terms=terms,
+        settings=settings,
         trainable_params=params,
-        adapted_modules=len(resolve_allocation(arch, allocation)),
+        adapted_modules=len(resolved),
         lowest_adapted_layer=lowest_adapted_layer(arch, allocation),
-        flops=flops,
-        memory=memory,
+        flops=training_flops(arch, allocation, terms, settings),
+        memory=memory_estimate(arch, allocation, terms, params, settings),
         effective_trainable_params=effective,
-        rank_total=sum(rank for _, rank in resolve_allocation(arch, allocation)),
+        rank_total=sum(rank for _, rank in resolved),
         effective_rank_total=(
             None if effective_ranks is None else sum(int(r) for r in effective_ranks.values())
         ),
-        settings=settings,
     )
 
 
 def estimate_costs_for_peft_model(
-    peft_model: Any, adapter_name: str = "default", **kwargs: Any
+    peft_model: Any, settings: CostSettings = DEFAULT_SETTINGS, adapter_name: str = "default"
 ) -> tuple[CostReport, Allocation]:
     """:func:`estimate_costs` for an instantiated peft model (meta device is fine).
 
-    Architecture, allocation, method, dropout and (AdaLoRA) effective ranks are
-    read from the model; ``kwargs`` go to :func:`estimate_costs`.
+    Architecture, allocation and cost terms (:func:`cost_terms_of_peft_model`) are
+    read from the model, and so are, with singular values (AdaLoRA), the ranks its
+    masks keep. The adapter's own ``lora_dropout`` replaces ``settings.lora_dropout``:
+    it is what the model will run.
     """
     arch = Architecture.from_hf_config(peft_model.get_base_model().config)
     allocation = allocation_from_peft_model(peft_model, adapter_name)
-    method = method_of_peft_model(peft_model, adapter_name)
+    terms = cost_terms_of_peft_model(peft_model, adapter_name)
     config = peft_model.peft_config[adapter_name]
-    kwargs.setdefault("lora_dropout", float(getattr(config, "lora_dropout", 0.0) or 0.0))
-    if method == "adalora":
-        kwargs.setdefault("effective_ranks", adalora_effective_ranks(peft_model, adapter_name))
-        # a bare PeftModel calls the base model directly and skips AdaLoraModel.forward
-        kwargs.setdefault("adalora_orth_reg", type(peft_model).__name__ != "PeftModel")
-    return estimate_costs(arch, allocation, method, **kwargs), allocation
+    settings = replace(settings, lora_dropout=float(getattr(config, "lora_dropout", 0.0) or 0.0))
+    effective = adalora_effective_ranks(peft_model, adapter_name) if terms.singular_values else None
+    report = estimate_costs(arch, allocation, terms, settings, effective_ranks=effective)
+    return report, allocation

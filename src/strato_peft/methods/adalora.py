@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from strato_peft.costs import CostTerms
 from strato_peft.methods.base import Method, MethodError, StepContext
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ class AdaLoraMethod(Method):
     """SVD-style adaptive rank allocation with masking."""
 
     name = "adalora"
+    cost_terms = CostTerms(singular_values=True, orthogonality_regularizer=True)
 
     @property
     def init_rank(self) -> int:
@@ -47,9 +49,8 @@ class AdaLoraMethod(Method):
                 f"peft.adalora: tinit ({a.tinit}) + tfinal ({a.tfinal}) leave no budgeting phase in "
                 f"{total} optimizer steps; lower them or train longer"
             )
-        kwargs = self.lora_kwargs()
-        kwargs.pop("r")
-        kwargs.pop("use_rslora")
+        kwargs = self.lora_builder.shared_kwargs()
+        kwargs.pop("use_rslora")  # AdaLoRA scales by its own ranknum
         return AdaLoraConfig(
             init_r=self.init_rank,
             target_r=s.rank,
@@ -60,6 +61,10 @@ class AdaLoraMethod(Method):
             beta2=a.beta2,
             orth_reg_weight=a.orth_reg_weight,
             total_step=total,
+            target_modules=list(s.target_modules),
+            layers_to_transform=list(s.layers_to_transform) if s.layers_to_transform else None,
+            rank_pattern=dict(s.rank_pattern),
+            alpha_pattern=dict(s.alpha_pattern),
             **kwargs,
         )
 

@@ -7,6 +7,17 @@ never branches on a method's name (AdaLoRA's ``update_and_allocate`` lives there
 With ``peft.rank_schedule.enabled``, any LoRA-family method (``lora``, ``dora``,
 ``strato``) resizes its ranks during training through the same hook
 (:mod:`strato_peft.methods.rank_schedule`).
+
+Everything the rest of the product needs to know about a method, it asks the method:
+
+* :attr:`Method.cost_terms`: what the cost model prices beyond plain LoRA;
+* :meth:`Method.run_label`: the run folder's name (before ``_seed<s>``) and
+  :meth:`Method.tag_lambda`: the lambda of the spec's tracker tag;
+* :meth:`Method.reference_config`: the ``peft`` config a dry run prices;
+* :attr:`Method.static_allocation`: whether the config alone fixes the allocation.
+
+Adding a method is one module, one line in :data:`strato_peft.registry.METHODS` and one
+row in ``tests/test_method_contract.py`` (``docs/methods.md`` has a worked example).
 """
 
 from __future__ import annotations
@@ -14,10 +25,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from strato_peft.config.schema import PeftSettings
+from strato_peft.adapters import LoraBuilder
+from strato_peft.config.schema import ExperimentConfig, PeftSettings
+from strato_peft.costs import CostTerms
 from strato_peft.registry import METHODS, did_you_mean, resolve
+from strato_peft.results import run_dir
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -59,6 +73,20 @@ class Method:
     name = "base"
     #: False for methods whose allocation is decided at run time (``strato``).
     static_allocation = True
+    #: What the cost model prices beyond plain LoRA's ``A`` and ``B`` (DoRA's magnitude...).
+    cost_terms: ClassVar[CostTerms] = CostTerms()
+    #: DoRA's weight decomposition on the LoRA family's adapters.
+    use_dora = False
+
+    @classmethod
+    def run_label(cls, settings: PeftSettings) -> str:
+        """The run folder's name before ``_seed<s>``: ``<method>_rank<r>`` by default."""
+        return f"{settings.method}_rank{settings.rank}"
+
+    @classmethod
+    def tag_lambda(cls, settings: PeftSettings) -> float:
+        """The ``lambdaX`` of the spec's tag ``model/task/phase/lambdaX_rankY_seedZ``."""
+        return 0.0
 
     def __init__(self, settings: PeftSettings, total_steps: int | None = None) -> None:
         self.settings = settings
@@ -81,15 +109,25 @@ class Method:
     def peft_config(self, model: PreTrainedModel) -> PeftConfig:
         raise NotImplementedError
 
+    def reference_config(self, model: PreTrainedModel) -> PeftConfig:
+        """The ``peft`` config a dry run prices: the method's own when its allocation is
+        static, the reference its budget is relative to otherwise (STRATO)."""
+        return self.peft_config(model)
+
+    # -- the LoRA family's settings --------------------------------------------------------
+    @property
+    def lora_builder(self) -> LoraBuilder:
+        """The run's LoRA settings; the adapters' initialisation is seeded by the run's seed."""
+        seed = self.context.config.seed if self.context is not None else None
+        return LoraBuilder.from_settings(self.settings, use_dora=self.use_dora, seed=seed)
+
     # -- shared behaviour ---------------------------------------------------------------
     def build(self, model: PreTrainedModel) -> PeftModel:
         """Validate the settings against ``model`` and wrap it with the adapter."""
-        from peft import get_peft_model
-
         self.validate(model)
         config = self.peft_config(model)
         try:
-            peft_model = get_peft_model(model, config)
+            peft_model = self.lora_builder.build(model, config)
         except ValueError as exc:
             raise MethodError(f"peft.method={self.name}: {exc}") from None
         self.attach_rank_schedule(peft_model)
@@ -220,25 +258,29 @@ class Method:
             names.append(name)
         return names
 
-    def lora_kwargs(self) -> dict[str, Any]:
-        """Settings shared by the LoRA family."""
+    def configured_lora(self) -> PeftConfig:
+        """The ``LoraConfig`` of the ``peft`` section as written (targets, layers, patterns)."""
         s = self.settings
-        return {
-            "r": s.rank,
-            "lora_alpha": s.alpha,
-            "lora_dropout": s.dropout,
-            "target_modules": list(s.target_modules),
-            "layers_to_transform": list(s.layers_to_transform) if s.layers_to_transform else None,
-            "rank_pattern": dict(s.rank_pattern),
-            "alpha_pattern": dict(s.alpha_pattern),
-            "use_rslora": s.use_rslora,
-            "bias": s.bias,
-            "task_type": "CAUSAL_LM",
-        }
+        return self.lora_builder.config(
+            r=s.rank,
+            target_modules=s.target_modules,
+            layers_to_transform=s.layers_to_transform,
+            rank_pattern=s.rank_pattern,
+            alpha_pattern=s.alpha_pattern,
+        )
+
+
+def method_class(name: str) -> type[Method]:
+    """The registered method class named ``name`` (an unknown name lists the known ones)."""
+    cls: type[Method] = resolve("method", name, METHODS)
+    return cls
 
 
 def get_method(settings: PeftSettings, total_steps: int | None = None) -> Method:
     """Instantiate the registered method named by ``settings.method``."""
-    cls = resolve("method", settings.method, METHODS)
-    method: Method = cls(settings, total_steps=total_steps)
-    return method
+    return method_class(settings.method)(settings, total_steps=total_steps)
+
+
+def run_folder(config: ExperimentConfig) -> Path:
+    """The run folder of ``config``, named by its method (:meth:`Method.run_label`)."""
+    return run_dir(config, method_class(config.peft.method).run_label(config.peft))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from strato_peft.costs import CostTerms
 from strato_peft.methods.base import Method
 
 if TYPE_CHECKING:
-    from peft import LoraConfig
+    from peft import PeftConfig
     from transformers import PreTrainedModel
 
 
@@ -20,12 +21,9 @@ class LoraMethod(Method):
     """Uniform-rank LoRA on the target modules (per-module ranks via ``rank_pattern``)."""
 
     name = "lora"
-    use_dora = False
 
-    def peft_config(self, model: PreTrainedModel) -> LoraConfig:
-        from peft import LoraConfig
-
-        return LoraConfig(use_dora=self.use_dora, **self.lora_kwargs())
+    def peft_config(self, model: PreTrainedModel) -> PeftConfig:
+        return self.configured_lora()
 
 
 class DoraMethod(LoraMethod):
@@ -33,3 +31,4 @@ class DoraMethod(LoraMethod):
 
     name = "dora"
     use_dora = True
+    cost_terms = CostTerms(magnitude_vector=True)

@@ -22,7 +22,6 @@ and their optimizer moments are broadcast from process 0, so the processes canno
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,7 @@ import torch
 
 from strato_peft.config.schema import RankScheduleSettings
 from strato_peft.methods.resize import lora_layers, module_ranks, rank_cost, resize_model
-
-RANK_HISTORY = "rank_history.json"
+from strato_peft.results import RANK_HISTORY_FILE, atomic_write_json
 
 
 def resolve_step(value: int | float, total_steps: int) -> int:
@@ -166,10 +164,8 @@ class RankScheduler:
     # -- records --------------------------------------------------------------------------
     def write_history(self, folder: Path) -> Path:
         """``rank_history.json``: step -> module -> rank (the initial ranks at step 0)."""
-        path = folder / RANK_HISTORY
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({str(k): v for k, v in sorted(self.history.items())}, indent=1))
-        tmp.replace(path)
+        path = folder / RANK_HISTORY_FILE
+        atomic_write_json(path, {str(k): v for k, v in sorted(self.history.items())})
         return path
 
     def summary(self) -> dict[str, Any]:

@@ -22,12 +22,16 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from strato_peft.config.schema import PeftSettings
 from strato_peft.methods.base import Method, MethodError
+from strato_peft.results import ALLOCATION_FILE, SEARCH_FILE, atomic_write_json, read_json_or
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
     from transformers import PreTrainedModel
 
+    from strato_peft.adapters import LoraBuilder
+    from strato_peft.recipe import TrainingRecipe
     from strato_peft.strato.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -44,16 +48,22 @@ class StratoMethod(Method):
         self.allocation: dict[str, int] | None = None
         self._summary: dict[str, Any] = {}
 
-    def reference_config(self) -> LoraConfig:
-        """The uniform LoRA that STRATO's budget (``peft.strato.budget``) is relative to."""
-        from peft import LoraConfig
+    @classmethod
+    def run_label(cls, settings: PeftSettings) -> str:
+        """``strato_rank<r>_lambda<l>``; the controls: ``strato-uniform_rank<r>`` ..."""
+        s = settings.strato
+        if s.control != "none":
+            return f"{settings.method}-{s.control}_rank{settings.rank}"
+        return f"{settings.method}_rank{settings.rank}_lambda{s.lambda_:g}"
 
+    @classmethod
+    def tag_lambda(cls, settings: PeftSettings) -> float:
+        return float(settings.strato.lambda_)
+
+    def reference_config(self, model: PreTrainedModel | None = None) -> LoraConfig:
+        """The uniform LoRA that STRATO's budget (``peft.strato.budget``) is relative to."""
         ref = self.settings.strato.reference
-        kwargs = self.lora_kwargs()
-        kwargs.update(
-            r=ref.rank, target_modules=list(ref.target_modules), rank_pattern={}, alpha_pattern={}
-        )
-        return LoraConfig(**kwargs)
+        return self.lora_builder.config(r=ref.rank, target_modules=ref.target_modules)
 
     # -- allocation ----------------------------------------------------------------------
     def space(self, model: PreTrainedModel) -> SearchSpace:
@@ -77,8 +87,6 @@ class StratoMethod(Method):
         self, model: PreTrainedModel, space: SearchSpace | None = None
     ) -> dict[str, int]:
         """Run (or resume, or reuse) the search, or draw a control allocation."""
-        from strato_peft.strato.search import ALLOCATION_FILE, SEARCH_FILE
-
         s = self.settings.strato
         space = space or self.space(model)
         ctx = self.context
@@ -96,8 +104,8 @@ class StratoMethod(Method):
                 "a bare build() has no task data to evaluate allocations on"
             )
         folder = ctx.folder
-        done = _read_json(folder / SEARCH_FILE)
-        found = _read_json(folder / ALLOCATION_FILE)
+        done = read_json_or(folder / SEARCH_FILE, {})
+        found = read_json_or(folder / ALLOCATION_FILE, {})
         if done.get("complete") and isinstance(found, dict) and found:
             log.info("search already complete in %s: reusing %s", folder, ALLOCATION_FILE)
             self._summary["search"] = _search_summary(done)
@@ -107,38 +115,33 @@ class StratoMethod(Method):
             outcome = self._search(model, space)
             self._summary["search"] = _search_summary(outcome.summary)
         accelerator.wait_for_everyone()
-        allocation = _read_json(folder / ALLOCATION_FILE)
+        allocation = read_json_or(folder / ALLOCATION_FILE, {})
         if not allocation:
             raise MethodError(f"the STRATO search wrote no allocation to {folder}")
         if not accelerator.is_main_process:
-            self._summary["search"] = _search_summary(_read_json(folder / SEARCH_FILE))
+            self._summary["search"] = _search_summary(read_json_or(folder / SEARCH_FILE, {}))
         return {str(k): int(v) for k, v in allocation.items()}
 
     def _search(self, model: PreTrainedModel, space: SearchSpace) -> Any:
+        from strato_peft.encoding import encode_examples
+        from strato_peft.recipe import LocalAccelerator, TrainingRecipe
         from strato_peft.strato.evaluator import RealEvaluator
         from strato_peft.strato.search import Search
-        from strato_peft.training.data import encode_examples
 
         ctx = self.context
         assert ctx is not None
         cfg, task, s = ctx.config, ctx.task, self.settings.strato
-        t = cfg.training
         train = encode_examples(task, task.train_examples(), ctx.tokenizer, cfg.task.max_length)
         held = encode_examples(
             task, task.eval_examples()[: s.search.eval_examples], ctx.tokenizer, cfg.task.max_length
         )
-        steps = s.search.steps_per_evaluation
+        recipe, builder = TrainingRecipe.from_config(cfg), self.lora_builder
         evaluator = RealEvaluator(
-            model, train, held, steps=steps, batch_size=t.batch_size,
-            eval_batch_size=t.eval_batch_size or t.batch_size,
-            grad_accum=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-            weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
-            lr_scheduler=t.lr_scheduler, max_grad_norm=t.max_grad_norm,
-            lora_alpha=self.settings.alpha, lora_dropout=self.settings.dropout,
-            use_rslora=self.settings.use_rslora, seed=cfg.seed,
-            device=ctx.accelerator.device, pad_token_id=ctx.tokenizer.pad_token_id,
+            model, train, held, steps=s.search.steps_per_evaluation, recipe=recipe,
+            builder=builder, accelerator=LocalAccelerator.like(ctx.accelerator),
+            pad_token_id=ctx.tokenizer.pad_token_id,
         )  # fmt: skip
-        protocol = _protocol(cfg, len(train), len(held))
+        protocol = protocol_fingerprint(cfg, recipe, builder, len(train), len(held))
         search = Search(space, evaluator, s, ctx.folder, seed=cfg.seed, protocol=protocol)
         return search.run()
 
@@ -151,10 +154,10 @@ class StratoMethod(Method):
             space.arch, uniform_allocation(space.arch, 1, s.reference.target_modules)
         )
         if s.control_from:
-            found = _read_json(Path(s.control_from) / "allocation.json")
+            found = read_json_or(Path(s.control_from) / ALLOCATION_FILE, {})
             if not found:
                 raise MethodError(
-                    f"peft.strato.control_from: no allocation.json in {s.control_from} "
+                    f"peft.strato.control_from: no {ALLOCATION_FILE} in {s.control_from} "
                     "(give the folder of a finished STRATO run)"
                 )
             target = trainable_params(space.arch, found)
@@ -171,9 +174,6 @@ class StratoMethod(Method):
 
     # -- Method API ------------------------------------------------------------------------
     def build(self, model: PreTrainedModel) -> PeftModel:
-        import torch
-        from peft import get_peft_model
-
         self.validate_strato(model)
         space = self.space(model)
         allocation = self.choose_allocation(model, space)
@@ -193,32 +193,16 @@ class StratoMethod(Method):
             "STRATO allocation: %d modules, params %.3fx and training FLOPs %.3fx of the reference",
             len(allocation), fractions["params"], fractions["flops"],
         )  # fmt: skip
-        if self.context is not None:
-            from strato_peft.results import atomic_write_json
-
-            if self.context.accelerator.is_main_process:
-                atomic_write_json(self.context.folder / "allocation.json", allocation)
-            torch.manual_seed(self.context.config.seed)
-        return get_peft_model(model, self.allocation_config(allocation))
+        if self.context is not None and self.context.accelerator.is_main_process:
+            atomic_write_json(self.context.folder / ALLOCATION_FILE, allocation)
+        return self.lora_builder.build(model, self.allocation_config(allocation))
 
     def allocation_config(self, allocation: dict[str, int]) -> LoraConfig:
         """A plain peft LoRA for ``allocation``: exact module names, ranks in rank_pattern."""
-        from peft import LoraConfig
-
-        if not allocation:
-            raise MethodError("the STRATO allocation adapts no module")
-        names = sorted(allocation)
-        ranks = [allocation[n] for n in names]
-        default = max(set(ranks), key=ranks.count)
-        kwargs = self.lora_kwargs()
-        kwargs.update(
-            r=default,
-            target_modules=names,
-            layers_to_transform=None,
-            rank_pattern={n: r for n, r in allocation.items() if r != default},
-            alpha_pattern={},
-        )
-        return LoraConfig(**kwargs)
+        try:
+            return self.lora_builder.for_allocation(allocation)
+        except ValueError:
+            raise MethodError("the STRATO allocation adapts no module") from None
 
     def peft_config(self, model: PreTrainedModel) -> LoraConfig:
         if self.allocation is None:
@@ -262,13 +246,6 @@ def _fractions_free(space: SearchSpace, allocation: dict[str, int]) -> dict[str,
     }
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _search_summary(summary: dict[str, Any]) -> dict[str, Any]:
     keys = (
         "real_evaluations", "search_wall_time_s", "evaluation_wall_time_s", "stop_reason",
@@ -277,19 +254,21 @@ def _search_summary(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary.get(k) for k in keys}
 
 
-def _protocol(config: Any, n_train: int, n_held: int) -> str:
-    """Fingerprint of what a real evaluation measures (the archive's key prefix)."""
-    s = config.peft.strato
-    t = config.training
+def protocol_fingerprint(
+    config: Any, recipe: TrainingRecipe, builder: LoraBuilder, n_train: int, n_held: int
+) -> str:
+    """Fingerprint of what a real evaluation measures (the archive's key prefix).
+
+    Built from the same recipe and LoRA settings objects the evaluations train with, so
+    any setting that changes training (``peft.bias``, the schedule ...) changes it.
+    """
     fields = {
         "model": config.model.model_dump(mode="json"),
         "task": config.task.model_dump(mode="json"),
         "n_train": n_train,
         "n_held_out": n_held,
-        "steps": s.search.steps_per_evaluation,
-        "batch": [t.batch_size, t.gradient_accumulation_steps],
-        "lr": [t.learning_rate, t.weight_decay, t.warmup_ratio, t.lr_scheduler, t.max_grad_norm],
-        "lora": [config.peft.alpha, config.peft.dropout, config.peft.use_rslora],
-        "seed": config.seed,
+        "steps": config.peft.strato.search.steps_per_evaluation,
+        "recipe": recipe.fingerprint(),
+        "lora": builder.fingerprint(),
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -260,7 +260,12 @@ def _convert_packaged(target: Path) -> None:
 
 
 def load_model(cfg: ModelConfig, seed: int = 0) -> PreTrainedModel:
-    """Load the base model described by ``cfg`` on the CPU (placement is the trainer's job)."""
+    """Load the base model described by ``cfg``.
+
+    On the CPU, placement being the trainer's job, unless ``model.device_map`` spreads the
+    weights over the GPUs of a single-process run (``from_pretrained(device_map=...)``;
+    accelerate then leaves the placement as it is).
+    """
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(cfg)
@@ -276,6 +281,13 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> PreTrainedModel:
             "works with --dry-run; to train, set model.path (hub id, folder or .gguf) or "
             "model.source=tiny"
         )
+    if cfg.device_map and source.kind == "tiny":
+        raise ModelLoadError(
+            f"model.device_map={cfg.device_map!r} places weights that from_pretrained loads "
+            "(hub, local, gguf, packaged); a tiny model is built in memory: unset it"
+        )
+    if cfg.device_map:
+        kwargs["device_map"] = cfg.device_map  # accelerate's big-model placement over GPUs
     if source.kind == "tiny":
         assert cfg.architecture is not None
         model = build_tiny_model(cfg.architecture, seed)

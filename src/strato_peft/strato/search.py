@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import random
 import time
@@ -28,7 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from strato_peft.results import atomic_write_json
+from strato_peft.results import (
+    ALLOCATION_FILE,
+    ARCHIVE_FILE,
+    PARETO_FILE,
+    PARETO_PLOT,
+    SEARCH_FILE,
+    atomic_write_bytes,
+    atomic_write_json,
+)
 from strato_peft.strato.archive import Archive, Evaluation
 from strato_peft.strato.env import AllocationEnv
 from strato_peft.strato.evaluator import RealEvaluator, probe_sensitivity
@@ -37,11 +46,8 @@ from strato_peft.strato.surrogate import Surrogate
 
 log = logging.getLogger(__name__)
 
-ALLOCATION_FILE = "allocation.json"
-SEARCH_FILE = "search.json"
-PARETO_FILE = "pareto.json"
-ARCHIVE_FILE = "archive.sqlite"
 MAX_POLICY_PARAMS = 500_000
+"""The product spec: the STRATO controller adds at most 0.5M parameters."""
 
 
 @dataclass
@@ -80,7 +86,9 @@ def build_policy(envs: list[AllocationEnv], settings: Any, seed: int) -> Any:
     )
     count = policy_parameter_count(policy)
     if count > MAX_POLICY_PARAMS:
-        raise RuntimeError(f"the STRATO policy has {count:,} parameters (limit 500,000)")
+        raise RuntimeError(
+            f"the STRATO policy has {count:,} parameters (limit {MAX_POLICY_PARAMS:,})"
+        )
     return policy
 
 
@@ -193,7 +201,8 @@ class Search:
         key = allocation_hash(allocation)
         if key in self.archive:
             raise RuntimeError(f"allocation {key} would be evaluated twice")
-        loss, wall = self.evaluator.evaluate(allocation)
+        result = self.evaluator.evaluate(allocation)
+        loss, wall = result.eval_loss, result.wall_time_s
         fractions = self.space.fractions(ranks, memory=True)
         report = self.space.report(allocation)
         evaluation = Evaluation(
@@ -267,9 +276,6 @@ class Search:
     def _real_count(self) -> int:
         """Real evaluations that cost a fine-tune (the base model's loss does not)."""
         return sum(1 for e in self.archive.evaluations() if e.allocation)
-
-    def _candidates(self) -> list[Evaluation]:
-        return [e for e in self.archive.evaluations() if e.extra.get("candidate", True)]
 
     def _fit(self, surrogate: Surrogate) -> None:
         evaluations = [e for e in self.archive.evaluations()]
@@ -394,7 +400,7 @@ class Search:
         atomic_write_json(self.folder / PARETO_FILE, pareto)
         atomic_write_json(self.folder / SEARCH_FILE, summary)
         atomic_write_json(self.folder / ALLOCATION_FILE, best["allocation"])
-        _plot_pareto(points, pareto, self.folder / "pareto.png")
+        _plot_pareto(points, pareto, self.folder / PARETO_PLOT)
         self.archive.close()
         return SearchOutcome(dict(best["allocation"]), summary)
 
@@ -439,7 +445,7 @@ def _plot_pareto(
         ax.grid(alpha=0.3)
     fig.suptitle("STRATO real evaluations and Pareto front")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from strato_peft import costs
@@ -34,7 +34,12 @@ def allocation_hash(allocation: Mapping[str, int]) -> str:
 
 @dataclass
 class SearchSpace:
-    """Slots, menu, reference costs and budget of one search (see the module docstring)."""
+    """Slots, menu, reference costs and budget of one search (see the module docstring).
+
+    Allocations are priced as plain LoRA (``costs.PLAIN_LORA``) with fp32 weights and
+    adapters on ``batch_size x seq_len`` tokens: :attr:`cost_settings`, built once from
+    the fields like the reference report.
+    """
 
     arch: Architecture
     slots: list[Slot]
@@ -45,6 +50,7 @@ class SearchSpace:
     batch_size: int = 1
     seq_len: int = 256
     lora_dropout: float = 0.0
+    cost_settings: costs.CostSettings = field(init=False, repr=False)
     _ref: costs.CostReport = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -52,6 +58,12 @@ class SearchSpace:
             raise ValueError("peft.strato.rank_menu must contain 0 (no adapter)")
         if not self.slots:
             raise ValueError("the search space has no slots (check peft.strato.module_types)")
+        self.cost_settings = costs.CostSettings(
+            batch_size=self.batch_size, seq_len=self.seq_len, lora_dropout=self.lora_dropout,
+            weight_dtype="fp32", adapter_dtype="fp32",
+        )  # fmt: skip
+        # FLOPs per token do not depend on the batch for LoRA: price one sequence
+        self._flops_settings = replace(self.cost_settings, batch_size=1)
         self._ref = self.report(self.reference)
         self._flops_cache: dict[tuple[tuple[int, int], ...], float] = {}
         self._slot_params = [s.d_in + s.d_out for s in self.slots]
@@ -82,10 +94,8 @@ class SearchSpace:
 
     # -- costs -------------------------------------------------------------------------
     def report(self, allocation: Mapping[str, int]) -> costs.CostReport:
-        return costs.estimate_costs(
-            self.arch, allocation, "lora", batch_size=self.batch_size, seq_len=self.seq_len,
-            lora_dropout=self.lora_dropout, adapter_dtype="fp32", weight_dtype="fp32",
-        )  # fmt: skip
+        """The cost model's full report of ``allocation`` under :attr:`cost_settings`."""
+        return costs.estimate_costs(self.arch, allocation, costs.PLAIN_LORA, self.cost_settings)
 
     @property
     def reference_report(self) -> costs.CostReport:
@@ -101,9 +111,8 @@ class SearchSpace:
             if len(self._flops_cache) > 200_000:
                 self._flops_cache.clear()
             report = costs.training_flops(
-                self.arch, self.to_dict(ranks), "lora", batch_size=1, seq_len=self.seq_len,
-                lora_dropout=self.lora_dropout,
-            )  # fmt: skip
+                self.arch, self.to_dict(ranks), costs.PLAIN_LORA, self._flops_settings
+            )
             self._flops_cache[key] = report.train / self.seq_len
         return self._flops_cache[key]
 

@@ -2,7 +2,7 @@
 
 Only the trainable (adapter) tensors are saved, with the rank of every LoRA module, so
 that a run whose ranks changed during training (``peft.rank_schedule``) is resized to them
-*before* tensors and optimizer state are loaded. Only the trainable (adapter) tensors are saved, not the frozen base model, so a
+*before* tensors and optimizer state are loaded; the frozen base model is not saved, so a
 checkpoint of a 7B run is megabytes. A checkpoint is written to a temporary folder and
 renamed, so a kill during the write never leaves a checkpoint that looks complete; the
 newest ``keep`` checkpoints are kept.
@@ -20,19 +20,18 @@ import numpy as np
 import torch
 
 from strato_peft.methods.resize import module_ranks, resize_model
+from strato_peft.recipe import DataPosition
+from strato_peft.results import CHECKPOINT_STATE_FILE as STATE_FILE
+from strato_peft.results import CHECKPOINTS_DIR as CHECKPOINTS
 from strato_peft.results import atomic_directory
-
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "state.pt"
 
 
 @dataclass
-class TrainingState:
-    """Where training stands: what a resume needs beyond tensors."""
+class TrainingState(DataPosition):
+    """Where training stands: what a resume needs beyond tensors (the data position:
+    ``epoch`` and the micro-batches of it already consumed, and the counters below)."""
 
     step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed
     tokens: int = 0  # answer tokens trained on
     history: list[dict[str, Any]] = field(default_factory=list)
 

@@ -1,10 +1,9 @@
 """The training loop: setup, train, evaluate, save, cleanup, for every method alike.
 
-Built on ``accelerate`` (one process, or DDP under ``accelerate launch``). The loss is
-the sum of next-token cross-entropy over answer tokens divided by the number of answer
-tokens in the whole optimizer step (all micro-batches, all processes), so a run with
-one process and batch 2B gets the same gradients as two processes with batch B.
-Methods act during training only through :meth:`Method.on_optimizer_step` and
+Built on ``accelerate`` (one process, or DDP under ``accelerate launch``). What one
+optimizer step does (data order, AdamW, schedule, answer-token loss, clipping) is the
+recipe of :mod:`strato_peft.recipe`, shared with STRATO's search evaluations; this
+module adds the plan, checkpoints, evaluation, trackers and the progress bar. Methods act during training only through :meth:`Method.on_optimizer_step` and
 :meth:`Method.regularization`; the loop never asks which method it runs. A method that
 changes parameter shapes in the hook (the rank schedule) says so in the
 :class:`StepContext`, and the loop rebuilds the DDP wrapper, whose gradient buckets are
@@ -13,12 +12,10 @@ bound to shapes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import resource
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,15 +23,16 @@ from typing import Any
 import torch
 
 from strato_peft.config.schema import ExperimentConfig
+from strato_peft.encoding import encode_examples
 from strato_peft.methods.base import StepContext
 from strato_peft.methods.resize import module_ranks
+from strato_peft.recipe import StepRunner, TrainingRecipe, iterate_windows
 from strato_peft.training.checkpoint import (
     TrainingState,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from strato_peft.training.data import Collator, EncodedDataset, encode_examples, token_loss_sum
 from strato_peft.training.tracking import EpochProfiler, Trackers
 
 log = logging.getLogger(__name__)
@@ -57,18 +55,6 @@ def make_plan(n_examples: int, config: ExperimentConfig, world_size: int = 1) ->
     per_epoch = math.ceil(micro / t.gradient_accumulation_steps)
     total = t.max_steps or math.ceil(t.num_epochs * per_epoch)
     return TrainingPlan(micro, per_epoch, total, int(t.warmup_ratio * total))
-
-
-def _windows(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Group micro-batches into optimizer steps (the last window of an epoch may be short)."""
-    window: list[dict[str, torch.Tensor]] = []
-    for batch in loader:
-        window.append(batch)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -99,33 +85,22 @@ class Trainer:
         self.task = task
         self.tokenizer = tokenizer
         self.folder = folder
-        t = config.training
+        self.recipe = TrainingRecipe.from_config(config)
         train = encode_examples(task, task.train_examples(), tokenizer, config.task.max_length)
         held_out = encode_examples(task, task.eval_examples(), tokenizer, config.task.max_length)
         self.plan = make_plan(len(train), config, accelerator.num_processes)
-        collate = Collator(tokenizer.pad_token_id)
-        generator = torch.Generator().manual_seed(config.seed)
-        train_loader = torch.utils.data.DataLoader(
-            EncodedDataset(train), batch_size=t.batch_size, shuffle=True, collate_fn=collate,
-            generator=generator,
-        )  # fmt: skip
-        eval_loader = torch.utils.data.DataLoader(
-            EncodedDataset(held_out), batch_size=t.eval_batch_size or t.batch_size,
-            collate_fn=collate,
-        )  # fmt: skip
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-        from transformers import get_scheduler
-
-        self.scheduler = get_scheduler(
-            t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
-            optimizer=optimizer,
-            num_warmup_steps=self.plan.warmup_steps,
-            num_training_steps=self.plan.total_steps,
-        )
+        optimizer = self.recipe.optimizer([p for p in model.parameters() if p.requires_grad])
+        self.scheduler = self.recipe.scheduler(optimizer, self.plan.total_steps)
         self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
-            model, optimizer, train_loader, eval_loader
+            model,
+            optimizer,
+            self.recipe.train_loader(train, tokenizer.pad_token_id),
+            self.recipe.eval_loader(held_out, tokenizer.pad_token_id),
         )
+        self.runner = StepRunner(
+            self._compiled(self.model), self.optimizer, self.scheduler, self.recipe, accelerator,
+            regularization=method.regularization,
+        )  # fmt: skip
         self.state = TrainingState()
         self.trackers = Trackers(config, folder, enabled=accelerator.is_main_process)
         self.profiler = EpochProfiler(profile_dir if accelerator.is_main_process else None)
@@ -173,17 +148,19 @@ class Trainer:
         """FLOPs of one micro-batch forward+backward with FlopCounterMode (RNG untouched)."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        batch = next(iter(self.train_loader))
         # Every process runs it (DDP's forward broadcasts buffers: one process alone would
-        # hang); no_sync keeps the gradients local; fork_rng leaves dropout's RNG as it was.
+        # hang); no_sync keeps the gradients local; fork_rng leaves the RNG as it was (a
+        # DataLoader iterator draws a seed from it too), so training starts as it would
+        # without this count.
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iter(self.train_loader))
         with (
             torch.random.fork_rng(devices=[]),
             self.accelerator.no_sync(self.model),
             FlopCounterMode(display=False) as counter,
         ):
             self.model.train()
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            loss_sum, count = token_loss_sum(out.logits, batch["labels"])
+            loss_sum, count = self.runner.loss_sum(batch)
             self.accelerator.backward(loss_sum / count.clamp(min=1))
         self.optimizer.zero_grad(set_to_none=True)
         flops = int(counter.get_total_flops())
@@ -197,46 +174,33 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------
     def _step(self, window: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
-        """One optimizer step over ``window``; returns (mean answer-token loss, tokens)."""
-        acc = self.accelerator
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
-        total = acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum")
-        total_tokens = max(int(total.item()), 1)
-        scale = acc.num_processes / total_tokens
-        loss_sum_local = torch.zeros((), device=acc.device)
-        for index, batch in enumerate(window):
-            last = index == len(window) - 1
-            sync = acc.no_sync(self.model) if not last else contextlib.nullcontext()
-            with sync:
-                loss_sum_local += self._backward(batch, scale, len(window))
-        if self.config.training.max_grad_norm is not None:
-            acc.clip_grad_norm_(self.model.parameters(), self.config.training.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.state.step += 1
+        """One optimizer step over ``window``; returns (mean answer-token loss, tokens).
+
+        The method's hook runs after the optimizer step and before the gradients are
+        zeroed; when it resized parameters, the DDP wrapper is rebuilt.
+        """
         context = StepContext(optimizer=getattr(self.optimizer, "optimizer", self.optimizer))
-        self.method.on_optimizer_step(acc.unwrap_model(self.model), self.state.step, context)
-        self.optimizer.zero_grad(set_to_none=True)
+
+        def hook() -> None:
+            self.state.step += 1
+            model = self.accelerator.unwrap_model(self.model)
+            self.method.on_optimizer_step(model, self.state.step, context)
+
+        loss, tokens = self.runner.step(window, on_step=hook)
         if context.resized:
             self._rewrap_model()
-        loss_total = acc.reduce(loss_sum_local, reduction="sum")
-        return float(loss_total.item()) / total_tokens, total_tokens
+        return loss, tokens
 
-    def _backward(self, batch: dict[str, torch.Tensor], scale: float, n_micro: int) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its (detached) loss sum.
+    def _compiled(self, model: Any) -> Any:
+        """``torch.compile`` of the (prepared) model with ``device_info.compile_model``.
 
-        A function of its own so that the autograd graph (which holds the parameters'
-        gradient accumulators) is gone when the method's hook may resize parameters.
+        The compiled module shares its parameters with ``model``, which stays the one
+        that checkpoints, FLOP counting and saving see. After a resize the rank schedule
+        hands a new wrapper here, so it is compiled afresh.
         """
-        acc = self.accelerator
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss_sum, _ = token_loss_sum(out.logits, batch["labels"])
-        loss = loss_sum * scale
-        extra = self.method.regularization(acc.unwrap_model(self.model))
-        if extra is not None:
-            loss = loss + extra / n_micro
-        acc.backward(loss)
-        return loss_sum.detach()
+        if not self.config.device_info.compile_model:
+            return model
+        return torch.compile(model)
 
     def _rewrap_model(self) -> None:
         """Rebuild the DDP wrapper after parameter shapes changed (a no-op without DDP).
@@ -250,6 +214,7 @@ class Trainer:
 
         old = self.model
         if not isinstance(old, DDP):
+            self.runner.model = self._compiled(old)  # a compiled module re-traces new shapes
             if self.accelerator.num_processes > 1:
                 raise RuntimeError(
                     "parameter shapes changed during training (peft.rank_schedule), which "
@@ -269,7 +234,7 @@ class Trainer:
             kwargs["broadcast_buffers"] = False
         models = getattr(self.accelerator, "_models", [])
         index = next((i for i, m in enumerate(models) if m is old), None)
-        self.model = module
+        self.model = self.runner.model = module
         del old
         if index is not None:
             models[index] = module
@@ -277,23 +242,11 @@ class Trainer:
         self.model = DDP(module, **kwargs)
         if index is not None:
             models[index] = self.model
+        self.runner.model = self._compiled(self.model)
 
-    @torch.no_grad()
     def evaluate_loss(self) -> float:
         """Mean answer-token loss on the held-out split (all processes)."""
-        acc = self.accelerator
-        self.model.eval()
-        loss_sum = torch.zeros((), device=acc.device)
-        tokens = torch.zeros((), device=acc.device)
-        for batch in self.eval_loader:
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            s, n = token_loss_sum(out.logits, batch["labels"])
-            loss_sum += s
-            tokens += n
-        self.model.train()
-        loss_sum = acc.reduce(loss_sum, reduction="sum")
-        tokens = acc.reduce(tokens, reduction="sum")
-        return float(loss_sum.item() / max(tokens.item(), 1))
+        return self.runner.held_out_loss(self.eval_loader)
 
     def train(self) -> None:
         """Run optimizer steps until the plan's total, with evaluation and checkpoints."""
@@ -312,59 +265,45 @@ class Trainer:
             "train", total=plan.total_steps, completed=self.state.step, loss="-", tps="-"
         )
         self.model.train()
+        windows = iterate_windows(self.train_loader, t.gradient_accumulation_steps, self.state)
+        profiled_epoch: int | None = None
         with progress:
             while self.state.step < plan.total_steps:
-                self._set_epoch(self.state.epoch)
-                loader = self.train_loader
-                if self.state.batches_in_epoch:
-                    loader = self.accelerator.skip_first_batches(
-                        loader, self.state.batches_in_epoch
-                    )
-                self.profiler.start_epoch(self.state.epoch)
-                for window in _windows(loader, t.gradient_accumulation_steps):
-                    start = time.perf_counter()
-                    loss, tokens = self._step(window)
-                    elapsed = time.perf_counter() - start
-                    self.profiler.step()
-                    self.train_seconds += elapsed
-                    self.state.tokens += tokens
-                    self.state.batches_in_epoch += len(window)
-                    record: dict[str, Any] = {
-                        "step": self.state.step,
-                        "epoch": self.state.epoch,
-                        "loss": loss,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
-                    }
-                    if t.eval_every_steps and self.state.step % t.eval_every_steps == 0:
-                        record["eval_loss"] = self.evaluate_loss()
-                    self.state.history.append(record)
-                    self.trackers.log(
-                        {f"train/{k}": v for k, v in record.items() if isinstance(v, float)},
-                        self.state.step,
-                    )
-                    progress.update(
-                        bar,
-                        completed=self.state.step,
-                        loss=f"{loss:.4f}",
-                        tps=f"{record['tokens_per_s'] or 0:.0f}",
-                    )
-                    log.debug("step %d loss %.5f", self.state.step, loss)
-                    done = self.state.step >= plan.total_steps
-                    if done or (t.save_every_steps and self.state.step % t.save_every_steps == 0):
-                        self.save_checkpoint()
-                    if done:
-                        break
-                else:
-                    self.state.epoch += 1
-                    self.state.batches_in_epoch = 0
+                window = next(windows)
+                if self.state.epoch != profiled_epoch:
+                    profiled_epoch = self.state.epoch
+                    self.profiler.start_epoch(profiled_epoch)
+                start = time.perf_counter()
+                loss, tokens = self._step(window)
+                elapsed = time.perf_counter() - start
+                self.profiler.step()
+                self.train_seconds += elapsed
+                self.state.tokens += tokens
+                record: dict[str, Any] = {
+                    "step": self.state.step,
+                    "epoch": self.state.epoch,
+                    "loss": loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+                }
+                if t.eval_every_steps and self.state.step % t.eval_every_steps == 0:
+                    record["eval_loss"] = self.evaluate_loss()
+                self.state.history.append(record)
+                self.trackers.log(
+                    {f"train/{k}": v for k, v in record.items() if isinstance(v, float)},
+                    self.state.step,
+                )
+                progress.update(
+                    bar,
+                    completed=self.state.step,
+                    loss=f"{loss:.4f}",
+                    tps=f"{record['tokens_per_s'] or 0:.0f}",
+                )
+                log.debug("step %d loss %.5f", self.state.step, loss)
+                done = self.state.step >= plan.total_steps
+                if done or (t.save_every_steps and self.state.step % t.save_every_steps == 0):
+                    self.save_checkpoint()
         self.profiler.stop()
-
-    def _set_epoch(self, epoch: int) -> None:
-        for obj in (self.train_loader, getattr(self.train_loader, "batch_sampler", None)):
-            if obj is not None and hasattr(obj, "set_epoch"):
-                obj.set_epoch(epoch)
-                return
 
     def close(self, failed: bool = False) -> None:
         self.profiler.stop()

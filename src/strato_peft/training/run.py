@@ -1,41 +1,47 @@
 """One experiment from config to a complete run folder.
 
-Reads top to bottom: setup (folder, platform, accelerator, data, model, method),
-train, evaluate, save, cleanup. The folder's ``status.json`` says ``running``,
-``complete`` or ``failed``; ``metrics.json``, ``costs.json`` and ``adapter/`` are written
-(atomically) only at the end, so a killed or failed run never looks complete. Running
-the same command again resumes from the newest checkpoint.
+:func:`run_experiment` reads top to bottom, one function per phase: setup (folder,
+platform, accelerator, logs), build (task, tokenizer, method, model, trainer), train,
+evaluate, save. The folder's ``status.json`` says ``running``, ``complete`` or
+``failed``; ``metrics.json``, ``costs.json`` and ``adapter/`` are written (atomically)
+only at the end, so a killed or failed run never looks complete. Running the same
+command again resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from strato_peft.config.schema import ExperimentConfig
+from strato_peft.methods import run_folder
 from strato_peft.results import (
+    ADAPTER_DIR,
+    COMPLETE,
+    COMPLETE_OUTPUTS,
+    COSTS_FILE,
     ENV_FILE,
+    FAILED,
+    METRICS_FILE,
+    RUNNING,
+    TRAINING_LOG,
     atomic_directory,
     atomic_write_json,
     environment_info,
-    run_dir,
+    read_status,
+    remove,
     save_resolved_config,
+    write_status,
 )
 from strato_peft.training.tracking import add_file_logs, remove_handlers, run_tag
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = "status.json"
-METRICS_FILE = "metrics.json"
-COSTS_FILE = "costs.json"
-ADAPTER_DIR = "adapter"
 FAST_DEV_NEW_TOKENS = 16
 
 
@@ -48,12 +54,31 @@ class RunOptions:
     profile: bool = False
 
 
-def read_status(folder: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((folder / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+@dataclass
+class Session:
+    """What the setup phase made: the folder, the platform and the accelerator."""
+
+    config: ExperimentConfig
+    options: RunOptions
+    folder: Path
+    platform: Any
+    accelerator: Any
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+
+@dataclass
+class Parts:
+    """What the build phase made."""
+
+    task: Any
+    tokenizer: Any
+    method: Any
+    model: Any
+    trainer: Any
 
 
 def fast_dev_config(config: ExperimentConfig) -> ExperimentConfig:
@@ -83,176 +108,199 @@ def run_experiment(config: ExperimentConfig, options: RunOptions) -> Path:
     """Train and evaluate one experiment; returns its run folder."""
     if options.fast_dev_run:
         config = fast_dev_config(config)
-    folder = run_dir(config)
-    status = read_status(folder)
-    if status.get("status") == "complete":
+    folder = run_folder(config)
+    if read_status(folder).get("status") == COMPLETE:
         log.info("%s is already complete; nothing to do (delete it to run again)", folder)
         return folder
+    session = setup(config, options, folder)
+    handlers = (
+        add_file_logs(
+            [folder / TRAINING_LOG, Path(config.logging.log_dir) / TRAINING_LOG],
+            config.logging.level,
+        )
+        if session.main
+        else []
+    )
+    parts: Parts | None = None
+    previous_handler = _raise_on_sigterm()
+    try:
+        parts = build(session)
+        parts.trainer.train()
+        final, task_metrics = evaluate(session, parts)
+        save(session, parts, final, task_metrics)
+    except BaseException as exc:
+        if session.main:
+            error = "interrupted by SIGTERM" if isinstance(exc, Interrupted) else _describe(exc)
+            write_status(folder, FAILED, error=error)
+        if parts is not None:
+            parts.trainer.close(failed=True)
+            parts = None
+        raise
+    finally:
+        if parts is not None:
+            parts.trainer.close()
+        remove_handlers(handlers)
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    return folder
 
+
+def setup(config: ExperimentConfig, options: RunOptions, folder: Path) -> Session:
+    """Platform and accelerator; the folder's config, environment and ``running`` status."""
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import set_seed
 
-    from strato_peft.methods import get_method
-    from strato_peft.methods.base import RunContext
-    from strato_peft.models import load_model, load_tokenizer
-    from strato_peft.platform import select_platform
-    from strato_peft.tasks import load_task
+    from strato_peft.platform import PlatformError, select_platform
     from strato_peft.training.checkpoint import latest_checkpoint
-    from strato_peft.training.loop import Trainer, make_plan, peak_memory_bytes
 
-    # -- setup ---------------------------------------------------------------------------
     platform = select_platform(config.device_info)
     accelerator = Accelerator(
         cpu=platform.name == "cpu",
         mixed_precision=platform.accelerate_mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
-    main = accelerator.is_main_process
-    resuming = latest_checkpoint(folder) is not None
-    if main:
+    if config.model.device_map and accelerator.num_processes > 1:
+        raise PlatformError(
+            f"model.device_map={config.model.device_map!r} spreads one model over the GPUs of "
+            f"one process; this launch has {accelerator.num_processes} processes (DDP keeps a "
+            "whole model per process): unset model.device_map, or launch one process"
+        )
+    if config.device_info.compile_model and not platform.supports_compile:
+        raise PlatformError(
+            f"device_info.compile_model: torch.compile is not supported on {platform.name}; "
+            "set it to false"
+        )
+    session = Session(config, options, folder, platform, accelerator)
+    if session.main:
+        resuming = latest_checkpoint(folder) is not None
         folder.mkdir(parents=True, exist_ok=True)
         if not resuming:
-            for stale in (METRICS_FILE, COSTS_FILE, ADAPTER_DIR):
-                _remove(folder / stale)
+            for stale in COMPLETE_OUTPUTS:
+                remove(folder / stale)
         save_resolved_config(config, folder)
-        atomic_write_json(
-            folder / ENV_FILE,
-            environment_info(
-                config.seed,
-                {
-                    "platform": platform.describe(),
-                    "num_processes": accelerator.num_processes,
-                    "tag": run_tag(config),
-                },
-            ),
-        )
-        _write_status(folder, "running", resumed=resuming)
+        extra = {
+            "platform": platform.describe(),
+            "num_processes": accelerator.num_processes,
+            "tag": run_tag(config),
+        }
+        atomic_write_json(folder / ENV_FILE, environment_info(config.seed, extra))
+        write_status(folder, RUNNING, resumed=resuming)
     accelerator.wait_for_everyone()
-    log_dir = Path(config.logging.log_dir)
-    handlers = (
-        add_file_logs([folder / "training.log", log_dir / "training.log"], config.logging.level)
-        if main
-        else []
-    )
-    trainer: Trainer | None = None
-    start = time.perf_counter()
-    previous_handler = _raise_on_sigterm()
-    try:
-        set_seed(config.seed)
-        log.info("run %s (%s)", folder, run_tag(config))
-        task = load_task(config.task)
-        if options.fast_dev_run and hasattr(task, "max_new_tokens"):
-            task.max_new_tokens = min(task.max_new_tokens, FAST_DEV_NEW_TOKENS)
-        tokenizer = load_tokenizer(config.model)
-        n_train = len(task.train_examples())
-        plan = make_plan(n_train, config, accelerator.num_processes)
-        method = get_method(config.peft, total_steps=plan.total_steps)
-        method.setup_run(
-            RunContext(config, task, tokenizer, folder, accelerator, options.fast_dev_run)
+    return session
+
+
+def build(session: Session) -> Parts:
+    """Task, tokenizer, method and base model; the adapter (STRATO searches here); the
+    trainer, resumed from the newest checkpoint when there is one."""
+    from accelerate.utils import set_seed
+
+    from strato_peft.methods import get_method
+    from strato_peft.methods.base import RunContext
+    from strato_peft.models import load_model, load_tokenizer
+    from strato_peft.tasks import load_task
+    from strato_peft.training.loop import Trainer, make_plan
+
+    config, accelerator = session.config, session.accelerator
+    set_seed(config.seed)
+    log.info("run %s (%s)", session.folder, run_tag(config))
+    task = load_task(config.task)
+    if session.options.fast_dev_run and hasattr(task, "max_new_tokens"):
+        task.max_new_tokens = min(task.max_new_tokens, FAST_DEV_NEW_TOKENS)
+    tokenizer = load_tokenizer(config.model)
+    n_train = len(task.train_examples())
+    plan = make_plan(n_train, config, accelerator.num_processes)
+    method = get_method(config.peft, total_steps=plan.total_steps)
+    method.setup_run(
+        RunContext(
+            config, task, tokenizer, session.folder, accelerator, session.options.fast_dev_run
         )
-        base = load_model(config.model, seed=config.seed)
-        if config.training.gradient_checkpointing:
-            base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-            # Non-reentrant checkpointing needs no input gradient; keeping it would run the
-            # backward through every layer and cancel the saving of upper-layer adapters.
-            base.disable_input_require_grads()
-        model = method.build(base)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info(
-            "%s: %d train examples (%s), %d optimizer steps, %s trainable params",
-            config.peft.method, n_train, task.data_source, plan.total_steps, f"{trainable:,}",
+    )
+    base = load_model(config.model, seed=config.seed)
+    if config.training.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing needs no input gradient; keeping it would run the
+        # backward through every layer and cancel the saving of upper-layer adapters.
+        base.disable_input_require_grads()
+    model = method.build(base)
+    log.info(
+        "%s: %d train examples (%s), %d optimizer steps, %s trainable params",
+        config.peft.method, n_train, task.data_source, plan.total_steps,
+        f"{_trainable(model):,}",
+    )  # fmt: skip
+    profile = session.options.profile or config.logging.profile
+    trainer = Trainer(
+        config, accelerator=accelerator, model=model, method=method, task=task,
+        tokenizer=tokenizer, folder=session.folder,
+        profile_dir=Path(config.logging.log_dir) / "profiles" if profile else None,
+    )  # fmt: skip
+    if not trainer.resume():
+        set_seed(config.seed)
+    trainer.count_step_flops()
+    return Parts(task, tokenizer, method, model, trainer)
+
+
+def evaluate(session: Session, parts: Parts) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Held-out loss (all processes), then the task's evaluator (main process)."""
+    config, accelerator, trainer = session.config, session.accelerator, parts.trainer
+    final: dict[str, Any] = {"eval_loss": trainer.evaluate_loss()}
+    task_metrics: dict[str, Any] = {}
+    if config.task.final_eval and session.main:
+        unwrapped = accelerator.unwrap_model(trainer.model)
+        unwrapped.eval()
+        task_metrics = parts.task.evaluate(
+            unwrapped, parts.tokenizer,
+            batch_size=config.training.eval_batch_size or config.training.batch_size,
+            device=accelerator.device,
         )  # fmt: skip
-        profile_dir = log_dir / "profiles" if (options.profile or config.logging.profile) else None
-        trainer = Trainer(
-            config, accelerator=accelerator, model=model, method=method, task=task,
-            tokenizer=tokenizer, folder=folder, profile_dir=profile_dir,
-        )  # fmt: skip
-        if not trainer.resume():
-            set_seed(config.seed)
-        trainer.count_step_flops()
+    accelerator.wait_for_everyone()
+    history = trainer.state.history
+    final["train_loss"] = history[-1]["loss"] if history else None
+    return final, task_metrics
 
-        # -- train ---------------------------------------------------------------------------
-        trainer.train()
 
-        # -- evaluate ------------------------------------------------------------------------
-        final: dict[str, Any] = {"eval_loss": trainer.evaluate_loss()}
-        task_metrics: dict[str, Any] = {}
-        if config.task.final_eval and main:
-            unwrapped = accelerator.unwrap_model(trainer.model)
-            unwrapped.eval()
-            task_metrics = task.evaluate(
-                unwrapped, tokenizer, batch_size=config.training.eval_batch_size or config.training.batch_size,
-                device=accelerator.device,
-            )  # fmt: skip
-        accelerator.wait_for_everyone()
+def save(
+    session: Session, parts: Parts, final: dict[str, Any], task_metrics: dict[str, Any]
+) -> None:
+    """Costs, adapter and metrics (each atomically), then the ``complete`` status."""
+    if not session.main:
+        return
+    from strato_peft.training.loop import peak_memory_bytes
 
-        # -- save ----------------------------------------------------------------------------
-        if main:
-            history = trainer.state.history
-            # The rank schedule resizes adapters: report what the final adapter holds.
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            final["train_loss"] = history[-1]["loss"] if history else None
-            wall = time.perf_counter() - start
-            atomic_write_json(
-                folder / COSTS_FILE,
-                {
-                    "trainable_params": trainable,
-                    "total_params": sum(p.numel() for p in model.parameters()) - trainable,
-                    "wall_time_s": wall,
-                    "train_time_s": trainer.train_seconds,
-                    "tokens_trained": trainer.state.tokens,
-                    "tokens_per_s": trainer.state.tokens / trainer.train_seconds
-                    if trainer.train_seconds
-                    else None,
-                    "peak_memory_bytes": peak_memory_bytes(accelerator.device),
-                    "peak_memory_kind": "cuda max_memory_allocated"
-                    if accelerator.device.type == "cuda"
-                    else "process peak RSS",
-                    **trainer.measured_flops,
-                },
-            )
-            if config.output.save_adapter:
-                _save_adapter(accelerator.unwrap_model(trainer.model), folder / ADAPTER_DIR)
-            atomic_write_json(
-                folder / METRICS_FILE,
-                {
-                    "final": final,
-                    "task": task_metrics,
-                    "history": history,
-                    "steps": trainer.state.step,
-                    "plan": trainer.plan.__dict__,
-                    "data_source": task.data_source,
-                    "fast_dev_run": options.fast_dev_run,
-                    "method": method.summary(),
-                },
-            )
-            trainer.trackers.log(
-                {f"final/{k}": v for k, v in final.items() if isinstance(v, float)},
-                trainer.state.step,
-            )
-            _write_status(folder, "complete")
-            log.info("complete: %s (eval loss %.4f)", folder, final["eval_loss"])
-    except BaseException as exc:
-        if main:
-            error = (
-                "interrupted by SIGTERM"
-                if isinstance(exc, Interrupted)
-                else f"{type(exc).__name__}: {exc}"
-            )
-            _write_status(folder, "failed", error=error)
-        if trainer is not None:
-            trainer.close(failed=True)
-            trainer = None
-        raise
-    finally:
-        if trainer is not None:
-            trainer.close()
-        remove_handlers(handlers)
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-    return folder
+    config, folder, trainer = session.config, session.folder, parts.trainer
+    device = session.accelerator.device
+    trainable = _trainable(parts.model)  # the rank schedule resizes: what the adapter holds
+    seconds = trainer.train_seconds
+    costs = {
+        "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in parts.model.parameters()) - trainable,
+        "wall_time_s": time.perf_counter() - session.started,
+        "train_time_s": seconds,
+        "tokens_trained": trainer.state.tokens,
+        "tokens_per_s": trainer.state.tokens / seconds if seconds else None,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_kind": (
+            "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"
+        ),
+        **trainer.measured_flops,
+    }
+    atomic_write_json(folder / COSTS_FILE, costs)
+    if config.output.save_adapter:
+        _save_adapter(session.accelerator.unwrap_model(trainer.model), folder / ADAPTER_DIR)
+    metrics = {
+        "final": final,
+        "task": task_metrics,
+        "history": trainer.state.history,
+        "steps": trainer.state.step,
+        "plan": trainer.plan.__dict__,
+        "data_source": parts.task.data_source,
+        "fast_dev_run": session.options.fast_dev_run,
+        "method": parts.method.summary(),
+    }
+    atomic_write_json(folder / METRICS_FILE, metrics)
+    trainer.trackers.log(
+        {f"final/{k}": v for k, v in final.items() if isinstance(v, float)}, trainer.state.step
+    )
+    write_status(folder, COMPLETE)
+    log.info("complete: %s (eval loss %.4f)", folder, final["eval_loss"])
 
 
 class Interrupted(SystemExit):
@@ -271,22 +319,12 @@ def _raise_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _write_status(folder: Path, status: str, **extra: Any) -> None:
-    previous = read_status(folder)
-    data = {"status": status, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
-    data["started_at"] = (
-        previous.get("started_at", data["updated_at"])
-        if status != "running"
-        else data["updated_at"]
-    )
-    atomic_write_json(folder / STATUS_FILE, data)
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+def _trainable(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _save_adapter(model: Any, target: Path) -> None:

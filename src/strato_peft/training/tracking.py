@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from strato_peft.config.schema import ExperimentConfig
+from strato_peft.results import TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def run_tag(config: ExperimentConfig) -> str:
     """The spec's experiment tag ``model/task/phase/lambdaX_rankY_seedZ``."""
-    lam = config.peft.strato.lambda_ if config.peft.method == "strato" else 0
+    from strato_peft.methods import method_class
+
+    lam = method_class(config.peft.method).tag_lambda(config.peft)
     return (
         f"{config.model.name}/{config.task.name}/{config.experiment.phase}/"
         f"lambda{lam:g}_rank{config.peft.rank}_seed{config.seed}"
@@ -63,7 +66,7 @@ class Trackers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tensorboard = SummaryWriter(log_dir=str(folder / "tensorboard"))
+                self.tensorboard = SummaryWriter(log_dir=str(folder / TENSORBOARD_DIR))
             except ImportError:
                 log.warning("TensorBoard is not installed (pip install tensorboard); skipping it")
         if config.logging.wandb:

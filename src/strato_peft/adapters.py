@@ -1,0 +1,113 @@
+"""LoRA adapters from settings: the one place that turns ``peft`` settings into a ``LoraConfig``.
+
+Every LoRA-family adapter the product trains is configured here: the baselines' uniform
+LoRA and DoRA (target modules, layers, ``rank_pattern``), STRATO's final training and
+every STRATO search evaluation (an *allocation*: exact module name -> rank). The settings
+they share (alpha, dropout, rsLoRA, bias, DoRA, the seed of the adapters'
+initialisation) are read once from the ``peft`` config section into a frozen
+:class:`LoraBuilder`, so a search evaluation measures exactly the model that the final
+training trains, and :meth:`LoraBuilder.fingerprint` changes whenever a setting does.
+
+LoRA (Hu et al., 2021, arXiv:2106.09685) adds ``(alpha / r) B A x`` to a frozen linear
+layer (``alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023); with mixed ranks the alpha
+is the same for every module (the scaling ``alpha / r`` then differs per module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftConfig, PeftModel
+    from torch import nn
+
+    from strato_peft.config.schema import PeftSettings
+
+TASK_TYPE = "CAUSAL_LM"
+
+
+@dataclass(frozen=True)
+class LoraBuilder:
+    """The LoRA settings every adapter of a run shares (see the module docstring)."""
+
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    bias: str
+    use_dora: bool = False
+    init_seed: int | None = None
+    """Seed of the adapters' initialisation (``None``: the current torch RNG state)."""
+
+    @classmethod
+    def from_settings(
+        cls, settings: PeftSettings, *, use_dora: bool = False, seed: int | None = None
+    ) -> LoraBuilder:
+        return cls(
+            alpha=float(settings.alpha),
+            dropout=float(settings.dropout),
+            use_rslora=bool(settings.use_rslora),
+            bias=str(settings.bias),
+            use_dora=use_dora,
+            init_seed=seed,
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Every setting, as JSON-able values: part of a search's protocol fingerprint."""
+        return asdict(self)
+
+    def shared_kwargs(self) -> dict[str, Any]:
+        """The ``LoraConfig`` keywords every adapter of the run has in common."""
+        return {
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "use_rslora": self.use_rslora,
+            "bias": self.bias,
+            "task_type": TASK_TYPE,
+        }
+
+    def config(
+        self,
+        *,
+        r: int,
+        target_modules: Sequence[str],
+        layers_to_transform: Sequence[int] | None = None,
+        rank_pattern: Mapping[str, int] | None = None,
+        alpha_pattern: Mapping[str, float] | None = None,
+    ) -> LoraConfig:
+        """A ``LoraConfig`` on ``target_modules`` (suffixes or exact names)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=r,
+            target_modules=list(target_modules),
+            layers_to_transform=list(layers_to_transform) if layers_to_transform else None,
+            rank_pattern=dict(rank_pattern or {}),
+            alpha_pattern=dict(alpha_pattern or {}),
+            use_dora=self.use_dora,
+            **self.shared_kwargs(),
+        )
+
+    def for_allocation(self, allocation: Mapping[str, int]) -> LoraConfig:
+        """A plain ``LoraConfig`` for ``allocation``: exact module names, the most common
+        rank as ``r`` and the others in ``rank_pattern`` (it loads without this package)."""
+        chosen = {name: int(rank) for name, rank in allocation.items() if rank}
+        if not chosen:
+            raise ValueError("the allocation adapts no module")
+        ranks = [chosen[n] for n in sorted(chosen)]
+        default = max(sorted(set(ranks)), key=ranks.count)
+        return self.config(
+            r=default,
+            target_modules=sorted(chosen),
+            rank_pattern={n: r for n, r in chosen.items() if r != default},
+        )
+
+    def build(self, base: nn.Module, config: PeftConfig) -> PeftModel:
+        """Wrap ``base`` with ``config``; the initialisation is seeded by :attr:`init_seed`."""
+        import torch
+        from peft import get_peft_model
+
+        if self.init_seed is not None:
+            torch.manual_seed(self.init_seed)
+        return get_peft_model(base, config)
