@@ -163,7 +163,7 @@ def test_device_map_places_a_loaded_model_and_is_refused_where_it_cannot_apply(
     placed = load_model(ModelConfig(name="m", path=str(tmp_path / "saved"), device_map="auto"))
     assert seen["device_map"] == "auto"  # accelerate's big-model placement did the loading
     assert {p.device.type for p in placed.parameters()} == {"cpu"}  # no GPU here
-    with pytest.raises(ModelLoadError, match="device_map.*tiny model is built in memory"):
+    with pytest.raises(ModelLoadError, match=r"device_map.*tiny model is built in memory"):
         load_model(ModelConfig(name="t", source="tiny", architecture=TINY, device_map="auto"))
 
 
@@ -189,7 +189,7 @@ def test_device_map_with_a_multi_process_launch_is_a_clear_error(
         CONFIGS / "experiments" / "tiny_lora.yaml",
         ["model.device_map=auto", f"output.dir={tmp_path}"],
     )
-    with pytest.raises(PlatformError, match="device_map='auto'.*2 processes"):
+    with pytest.raises(PlatformError, match=r"device_map='auto'.*2 processes"):
         run.setup(config, run.RunOptions(), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
@@ -208,5 +208,5 @@ def test_compile_model_is_refused_where_torch_compile_is_not_supported(
     config = load_config(
         CONFIGS / "experiments" / "tiny_lora.yaml", ["device_info.compile_model=true"]
     )
-    with pytest.raises(PlatformError, match="compile_model.*not supported on mps"):
+    with pytest.raises(PlatformError, match=r"compile_model.*not supported on mps"):
         run.setup(config, run.RunOptions(), tmp_path / "run")
