@@ -7,7 +7,7 @@ DEMO_CONFIG ?= configs/experiments/cpu_smollm2_gsm8k_lora.yaml
 export STRATO_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup browser demo test test-all lint format
+.PHONY: setup browser demo test test-all coverage lint format
 
 setup:
 	@scripts/setup_env.sh
@@ -23,11 +23,16 @@ browser:
 demo: setup
 	$(PY) main.py --config $(DEMO_CONFIG)
 
+# The fast suite (pytest tests/), then the integration tests (real data, the real model,
+# whole runs in subprocesses).
 test: setup browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests/ tests/integration/
 
 test-all: setup browser
-	$(PY) -m pytest -q --run-slow
+	$(PY) -m pytest -q --run-slow tests/ tests/integration/
+
+coverage: setup
+	$(PY) -m pytest -q --cov=src --cov-report=term tests/
 
 lint: setup
 	$(PY) -m ruff check .

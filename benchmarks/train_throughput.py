@@ -116,6 +116,7 @@ class TextbookLoop:
         from peft import LoraConfig, get_peft_model
         from transformers import get_scheduler
 
+        from strato_peft.methods import method_class
         from strato_peft.models import load_model
 
         p, t = config.peft, config.training
@@ -125,7 +126,7 @@ class TextbookLoop:
             base,
             LoraConfig(
                 r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout,
-                target_modules=list(p.target_modules), use_dora=p.method == "dora",
+                target_modules=list(p.target_modules), use_dora=method_class(p.method).use_dora,
                 task_type="CAUSAL_LM",
             ),
         )  # fmt: skip

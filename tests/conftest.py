@@ -1,4 +1,10 @@
-"""Shared test set-up: offline hub, opt-in slow tests, paths to shipped configs."""
+"""Shared test set-up: offline hub, opt-in slow tests, paths to shipped configs.
+
+The spec's test commands: ``pytest tests/`` runs the fast suite; ``pytest tests/integration/``
+runs the tests that use real data, the real model or whole runs in subprocesses (they
+are left out unless their folder is named on the command line, and marked
+``integration``); ``pytest --cov=src tests/`` adds a coverage report.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
+INTEGRATION = Path(__file__).resolve().parent / "integration"
 PART_FOLDERS = ("base", "models", "tasks", "peft")
 
 
@@ -26,7 +33,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
 
 
+def _names_integration(config: pytest.Config) -> bool:
+    """Whether a command-line path points into (or at) ``tests/integration``."""
+    for arg in config.args:
+        path = Path(str(arg).split("::")[0]).resolve()
+        if path == INTEGRATION or INTEGRATION in path.parents:
+            return True
+    return False
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if collection_path.resolve() == INTEGRATION and not _names_integration(config):
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="slow: opt in with --run-slow")

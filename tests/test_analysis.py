@@ -26,6 +26,7 @@ from strato_peft.analysis import batch
 from strato_peft.analysis.compare import (
     BASELINE,
     FAIL,
+    INCONCLUSIVE,
     NOT_ENOUGH_DATA,
     PASS,
     compare_runs,
@@ -128,7 +129,8 @@ def scored_results(real_results: Path, tmp_path_factory: pytest.TempPathFactory)
         set_score(run_folder(root, "lora", seed), strict)
     for seed, strict in {42: 0.301, 43: 0.303, 44: 0.305}.items():  # DoRA rank 16: no cheaper
         set_score(run_folder(root, "dora", seed), strict)
-    copy_group(real_results, root, "dora", 4, {42: 0.299, 43: 0.300, 44: 0.301})  # PASS
+    copy_group(real_results, root, "dora", 4, {42: 0.300, 43: 0.303, 44: 0.302})  # PASS
+    copy_group(real_results, root, "dora", 6, {42: 0.300, 43: 0.296, 44: 0.300})  # straddles
     copy_group(real_results, root, "dora", 8, {42: 0.290, 43: 0.292, 44: 0.291})  # guardrail
     copy_group(real_results, root, "dora", 2, {42: 0.310, 43: 0.320, 44: 0.330})  # std 1.0
     copy_group(real_results, root, "dora", 1, {42: 0.31})  # one seed
@@ -189,7 +191,10 @@ def test_every_verdict_branch(scored_results: Path) -> None:
     assert costly.checks["guardrail"] and costly.checks["stability"]
     below = verdicts[("gsm8k", "dora", 8)]
     assert below.verdict == FAIL and below.checks["guardrail"] is False
-    assert "guardrail FAILS: 29.10 vs LoRA 30.20 - 0.5" in below.reasons[1]
+    assert below.reasons[1].startswith("guardrail FAILS: 29.10 vs LoRA 30.20, difference -1.10 [")
+    undecided = verdicts[("gsm8k", "dora", 6)]  # the paired interval straddles -0.5 points
+    assert undecided.verdict == INCONCLUSIVE and undecided.checks["guardrail"] is None
+    assert undecided.difference is not None and undecided.difference.ci_low < -0.5
     unstable = verdicts[("gsm8k", "dora", 2)]
     assert unstable.verdict == FAIL and unstable.checks["stability"] is False
     assert unstable.checks["guardrail"] and unstable.checks["efficiency"]
@@ -241,8 +246,11 @@ def test_paired_test_and_bootstrap_interval() -> None:
     assert diff.p_value == pytest.approx(expected.pvalue)
     assert diff.mean == pytest.approx((1.0 + 0.1 + 1.1) / 3)
     assert diff.ci_low is not None and diff.ci_high is not None
-    assert 0.1 - 1e-9 <= diff.ci_low <= diff.mean <= diff.ci_high <= 1.1 + 1e-9
-    assert compare_scores(method, baseline) == diff  # fixed generator: reproducible
+    # Student-t interval of the paired differences (1.0, 0.1, 1.1): mean -+ t(0.975, 2) se
+    half = stats.t.ppf(0.975, 2) * statistics.stdev([1.0, 0.1, 1.1]) / math.sqrt(3)
+    assert (diff.ci_low, diff.ci_high) == pytest.approx((diff.mean - half, diff.mean + half))
+    assert diff.ci_low < 0.1  # wider than the bootstrap's range of three differences
+    assert compare_scores(method, baseline) == diff
     welch = compare_scores({1: 1.0, 2: 2.0}, {3: 0.0, 4: 0.5})
     assert welch.test == "Welch t-test"
     assert welch.p_value == pytest.approx(stats.ttest_ind([1, 2], [0, 0.5], equal_var=False).pvalue)
@@ -260,6 +268,7 @@ def test_compare_and_stats_commands(
         BASELINE,
         PASS,
         FAIL,
+        INCONCLUSIVE,
         NOT_ENOUGH_DATA,
     }
     assert len(data["skipped"]) == 4
@@ -280,7 +289,7 @@ def test_scripts_run_from_a_checkout(scored_results: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)["comparisons"]
-    assert {r["verdict"] for r in rows} == {BASELINE, PASS, FAIL, NOT_ENOUGH_DATA}
+    assert {r["verdict"] for r in rows} == {BASELINE, PASS, FAIL, INCONCLUSIVE, NOT_ENOUGH_DATA}
 
 
 class _Images(HTMLParser):
@@ -522,3 +531,24 @@ def test_strato_budget_includes_lambda_and_uses_measured_flops(
     assert strato.group.budget == "rank16_lambda0.1" and strato.baseline is not None
     assert {r.flops_source for r in strato.group.runs} == {"measured (FlopCounterMode)"}
     assert strato.group.flops == read(dst / "costs.json")["train_flops_per_step"]
+
+
+def test_the_guardrail_is_inconclusive_when_every_run_scores_zero() -> None:
+    from strato_peft.analysis.compare import Group, guardrail
+
+    def group(method: str, scores: dict[int, float]) -> Group:
+        runs = [_fake_run(method, seed, score) for seed, score in scores.items()]
+        return Group("m", "gsm8k", method, "rank16", runs)
+
+    zeros = {42: 0.0, 43: 0.0, 44: 0.0}
+    diff = compare_scores(zeros, zeros)
+    assert guardrail(group("strato", zeros), group("lora", zeros), diff, 0.5) is None
+    better = {42: 1.0, 43: 1.2, 44: 1.1}
+    diff = compare_scores(better, zeros)
+    assert guardrail(group("strato", better), group("lora", zeros), diff, 0.5) is True
+
+
+def _fake_run(method: str, seed: int, score: float) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(method=method, seed=seed, score=score)

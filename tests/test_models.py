@@ -14,7 +14,6 @@ from strato_peft.models import (
     build_tiny_model,
     load_hf_config,
     load_model,
-    loading,
     resolve_source,
 )
 
@@ -116,34 +115,6 @@ def test_architecture_only_model_works_on_meta_not_for_training() -> None:
     assert next(meta.parameters()).device.type == "meta"
     with pytest.raises(ModelLoadError, match="architecture fields only"):
         load_model(ModelConfig(name="m", architecture=TINY))
-
-
-def test_packaged_smollm2_converts_once_then_loads_from_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The GGUF path: dequantise the packaged Q4_1 file, cache as safetensors, reuse it."""
-    cfg = ModelConfig(name="smollm2", source="packaged", cache_dir=str(tmp_path))
-    first = load_model(cfg)
-    assert sum(p.numel() for p in first.parameters()) == 134_515_008
-    assert first.config.num_hidden_layers == 30 and first.config.hidden_size == 576
-    cached = loading.packaged_cache_dir(cfg)
-    assert (cached / "model.safetensors").is_file() and (cached / "tokenizer_config.json").is_file()
-    assert not [p for p in cached.parent.iterdir() if p.name.startswith(".")]  # no temp left
-
-    def must_not_convert(_: Path) -> None:
-        raise AssertionError("converted twice")
-
-    monkeypatch.setattr(loading, "_convert_packaged", must_not_convert)
-    second = load_model(cfg)
-    x = torch.randint(0, 49152, (1, 8))
-    torch.testing.assert_close(second(x).logits, first(x).logits)
-    tokenizer = loading.load_tokenizer(cfg)
-    assert tokenizer.pad_token is not None and len(tokenizer) == 49152
-    # The config answers from the cache, without weights.
-    assert load_hf_config(cfg).vocab_size == 49152
-    # And the raw GGUF file loads through source=gguf (config only: weights are covered above).
-    gguf = loading.packaged_gguf_path()
-    assert load_hf_config(ModelConfig(name="g", path=str(gguf))).num_hidden_layers == 30
 
 
 def test_device_map_places_a_loaded_model_and_is_refused_where_it_cannot_apply(

@@ -1,7 +1,7 @@
 """STRATO's search parts, fast: budget masks, reward decomposition, archive, surrogate, policy.
 
 The end-to-end search on the tiny model (SIGKILL and resume, plain-peft reload, controls)
-is in ``tests/test_strato_run.py``.
+is in ``tests/integration/test_strato_runs.py``.
 """
 
 from __future__ import annotations

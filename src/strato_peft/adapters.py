@@ -9,8 +9,11 @@ initialisation) are read once from the ``peft`` config section into a frozen
 training trains, and :meth:`LoraBuilder.fingerprint` changes whenever a setting does.
 
 LoRA (Hu et al., 2021, arXiv:2106.09685) adds ``(alpha / r) B A x`` to a frozen linear
-layer (``alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023); with mixed ranks the alpha
-is the same for every module (the scaling ``alpha / r`` then differs per module).
+layer (``alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023). With mixed ranks the alpha
+policy (``peft.alpha_policy``) is stated, and the same in every arm of a comparison:
+``fixed`` keeps ``alpha`` for every module (scaling ``alpha / r``: under Adam early
+learning is close to rank-invariant), ``proportional`` keeps the reference's ``alpha / r``
+(a larger scale for lower ranks), ``rslora`` scales by ``alpha / sqrt(r)``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ class LoraBuilder:
     use_dora: bool = False
     init_seed: int | None = None
     """Seed of the adapters' initialisation (``None``: the current torch RNG state)."""
+    alpha_policy: str = "fixed"
+    """Alpha of an allocation's modules: ``fixed`` (``alpha``), ``proportional``
+    (``alpha x r / reference_rank``) or ``rslora`` (``alpha / sqrt(r)`` scaling)."""
+    reference_rank: int = 16
 
     @classmethod
     def from_settings(
@@ -51,6 +58,8 @@ class LoraBuilder:
             bias=str(settings.bias),
             use_dora=use_dora,
             init_seed=seed,
+            alpha_policy=str(settings.alpha_policy),
+            reference_rank=int(settings.strato.reference.rank),
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -97,11 +106,18 @@ class LoraBuilder:
             raise ValueError("the allocation adapts no module")
         ranks = [chosen[n] for n in sorted(chosen)]
         default = max(sorted(set(ranks)), key=ranks.count)
-        return self.config(
+        config = self.config(
             r=default,
             target_modules=sorted(chosen),
             rank_pattern={n: r for n, r in chosen.items() if r != default},
         )
+        if self.alpha_policy == "proportional":
+            scale = self.alpha / self.reference_rank
+            config.lora_alpha = scale * default  # type: ignore[assignment]  # peft takes floats
+            config.alpha_pattern = {n: scale * r for n, r in chosen.items() if r != default}
+        elif self.alpha_policy == "rslora":
+            config.use_rslora = True
+        return config
 
     def build(self, base: nn.Module, config: PeftConfig) -> PeftModel:
         """Wrap ``base`` with ``config``; the initialisation is seeded by :attr:`init_seed`."""

@@ -116,3 +116,20 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         reduction="sum",
     )
     return loss, (shift_labels != IGNORE_INDEX).sum()
+
+
+def token_stats(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: (sum of answer-token losses, answer tokens predicted right, answer tokens).
+
+    Teacher-forced answer-token accuracy: the next-token argmax equals the answer token.
+    Per-row sums let a report resample problems (a bootstrap interval over examples).
+    """
+    shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    mask = shift_labels != IGNORE_INDEX
+    losses = torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    correct = (logits.argmax(-1) == shift_labels) & mask
+    return (losses * mask).sum(1), correct.sum(1), mask.sum(1)

@@ -24,13 +24,21 @@ that must not join a process group.
 from __future__ import annotations
 
 import contextlib
+import statistics
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from strato_peft.encoding import IGNORE_INDEX, Collator, Encoded, EncodedDataset, token_loss_sum
+from strato_peft.encoding import (
+    IGNORE_INDEX,
+    Collator,
+    Encoded,
+    EncodedDataset,
+    token_loss_sum,
+    token_stats,
+)
 
 if TYPE_CHECKING:
     from strato_peft.config.schema import ExperimentConfig
@@ -300,3 +308,69 @@ class StepRunner:
         loss_sum = acc.reduce(loss_sum, reduction="sum")
         tokens = acc.reduce(tokens, reduction="sum")
         return float(loss_sum.item() / max(tokens.item(), 1))
+
+    @torch.no_grad()
+    def held_out_stats(self, loader: Any) -> HeldOutStats:
+        """Per-example loss sums, right answer tokens and answer tokens (this process)."""
+        device = self.accelerator.device
+        self.model.eval()
+        stats = HeldOutStats()
+        for batch in loader:
+            with self.accelerator.autocast():
+                out = self.model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                )
+            losses, correct, count = token_stats(out.logits, batch["labels"].to(device))
+            stats.loss_sums += losses.double().cpu().tolist()
+            stats.correct += correct.cpu().tolist()
+            stats.tokens += count.cpu().tolist()
+        self.model.train()
+        return stats
+
+
+@dataclass
+class HeldOutStats:
+    """Teacher-forced statistics of a held-out split, one entry per example."""
+
+    loss_sums: list[float] = field(default_factory=list)
+    correct: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        return sum(self.loss_sums) / max(sum(self.tokens), 1)
+
+    @property
+    def token_accuracy(self) -> float:
+        """Answer tokens predicted right, in percent of all answer tokens (points)."""
+        return 100.0 * sum(self.correct) / max(sum(self.tokens), 1)
+
+    def summary(self, iterations: int = 1000, seed: int = 1234) -> dict[str, Any]:
+        """Loss and accuracy (points) with a standard error and a bootstrap 95% interval
+        over examples (ratio estimators: examples are resampled with their tokens)."""
+        import random
+
+        n = len(self.tokens)
+        if n == 0:
+            raise ValueError("no held-out examples to report on")
+        rng = random.Random(seed)
+        acc, loss = [], []
+        for _ in range(iterations):
+            idx = [rng.randrange(n) for _ in range(n)]
+            t = max(sum(self.tokens[i] for i in idx), 1)
+            acc.append(100.0 * sum(self.correct[i] for i in idx) / t)
+            loss.append(sum(self.loss_sums[i] for i in idx) / t)
+        acc.sort()
+        loss.sort()
+        lo, hi = int(0.025 * (iterations - 1)), int(0.975 * (iterations - 1)) + 1
+        return {
+            "n": n,
+            "answer_tokens": sum(self.tokens),
+            "eval_loss": self.loss,
+            "eval_loss_stderr": statistics.pstdev(loss),
+            "eval_loss_ci95": [loss[lo], loss[hi]],
+            "token_accuracy": self.token_accuracy,
+            "token_accuracy_stderr": statistics.pstdev(acc),
+            "token_accuracy_ci95": [acc[lo], acc[hi]],
+        }

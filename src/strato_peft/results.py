@@ -49,6 +49,8 @@ SEARCH_FILE = "search.json"
 PARETO_FILE = "pareto.json"
 PARETO_PLOT = "pareto.png"
 ARCHIVE_FILE = "archive.sqlite"
+SEARCH_STATES_DIR = "search_states"
+"""Each candidate's training state after each rung (``<hash>@<steps>.pt``)."""
 COMPLETE_OUTPUTS = (METRICS_FILE, COSTS_FILE, ADAPTER_DIR)
 """Written only when a run completes; removed when a run starts afresh."""
 

@@ -91,12 +91,15 @@ def test_mean_stderr_uses_the_sample_standard_deviation() -> None:
     assert mean_stderr([1.0]) == (1.0, 0.0)
 
 
-def test_summarize_reports_mean_stderr_and_interval() -> None:
+def test_summarize_reports_mean_stderr_and_a_wilson_interval_for_proportions() -> None:
     out = summarize("acc", [1.0] * 30 + [0.0] * 70)
     assert out["acc"] == pytest.approx(0.3)
     low, high = out["acc_ci95"]
-    assert low < 0.3 < high
-    assert high - low == pytest.approx(2 * 1.96 * out["acc_stderr"])
+    assert (low, high) == pytest.approx((0.2189, 0.3958), abs=1e-4)  # Wilson, 30 of 100
+    none = summarize("acc", [0.0] * 32)["acc_ci95"]
+    assert none[0] == 0.0 and none[1] == pytest.approx(0.1072, abs=1e-4)  # not [0, 0]
+    scores = summarize("x", [0.2, 0.4, 0.6])  # not a proportion: the normal interval
+    assert scores["x_ci95"][1] - scores["x_ci95"][0] == pytest.approx(2 * 1.96 * scores["x_stderr"])
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean() -> None:

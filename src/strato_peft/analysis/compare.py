@@ -6,10 +6,12 @@ LoRA group of the same model and task (same rank when there is one, else the
 highest-rank LoRA group). The spec's success criteria:
 
 * efficiency: trainable params <= 0.7 x LoRA's, or train FLOPs per step <= 0.8 x LoRA's;
-* accuracy guardrail: mean score >= LoRA's mean score - 0.5 points;
+* accuracy guardrail: the 95% interval of the paired score difference lies above
+  -0.5 points (INCONCLUSIVE when it straddles -0.5 or every run scores 0);
 * stability: standard deviation of the score across seeds <= 0.4 points.
 
-A group passes when all three hold, fails when one does not, and gets
+A group passes when all three hold, fails when one does not, is INCONCLUSIVE when the
+guardrail cannot decide, and gets
 ``NOT ENOUGH DATA`` when it or its baseline has fewer than ``min_seeds`` seeds or
 there is no LoRA baseline. LoRA groups are the baselines themselves.
 """
@@ -32,6 +34,7 @@ from strato_peft.analysis.stats import (
 
 PASS = "PASS"
 FAIL = "FAIL"
+INCONCLUSIVE = "INCONCLUSIVE"
 NOT_ENOUGH_DATA = "NOT ENOUGH DATA"
 BASELINE = "BASELINE"
 BASELINE_METHOD = "lora"
@@ -206,7 +209,7 @@ def judge(group: Group, baseline: Group | None, criteria: Criteria) -> Compariso
     efficient = (params_ratio is not None and params_ratio <= criteria.params_ratio) or (
         flops_ratio is not None and flops_ratio <= criteria.flops_ratio
     )
-    guarded = stats.mean >= base_stats.mean - criteria.guardrail_points
+    guarded = guardrail(group, baseline, diff, criteria.guardrail_points)
     stable = stats.std is not None and stats.std <= criteria.max_std_points
     comparison.checks = {"efficiency": efficient, "guardrail": guarded, "stability": stable}
     pr = "n/a" if params_ratio is None else f"{params_ratio:.2f}"
@@ -214,14 +217,42 @@ def judge(group: Group, baseline: Group | None, criteria: Criteria) -> Compariso
     reasons = [
         f"efficiency {'ok' if efficient else 'FAILS'}: params x{pr} "
         f"(<= {criteria.params_ratio}) or FLOPs x{fr} (<= {criteria.flops_ratio})",
-        f"guardrail {'ok' if guarded else 'FAILS'}: {stats.mean:.2f} vs LoRA "
-        f"{base_stats.mean:.2f} - {criteria.guardrail_points}",
+        f"guardrail {_word(guarded)}: {stats.mean:.2f} vs LoRA {base_stats.mean:.2f}, "
+        f"difference {_interval(diff)} vs -{criteria.guardrail_points}",
         f"stability {'ok' if stable else 'FAILS'}: std {stats.std:.2f} "
         f"(<= {criteria.max_std_points})",
     ]
     comparison.reasons = reasons
-    comparison.verdict = PASS if efficient and guarded and stable else FAIL
+    if not efficient or guarded is False or not stable:
+        comparison.verdict = FAIL
+    else:
+        comparison.verdict = PASS if guarded else INCONCLUSIVE
     return comparison
+
+
+def guardrail(group: Group, baseline: Group, diff: Difference, margin: float) -> bool | None:
+    """The accuracy guardrail with power: ``True`` only when the 95% interval of the
+    paired difference lies above ``-margin``, ``False`` when it lies below, ``None``
+    (inconclusive) when it straddles ``-margin``, when it cannot be computed, or when
+    every run of both groups scores 0 (a score that cannot tell the arms apart)."""
+    scores = [*group.scores.values(), *baseline.scores.values()]
+    if all(s == 0 for s in scores) or diff.ci_low is None or diff.ci_high is None:
+        return None
+    if diff.ci_low > -margin:
+        return True
+    if diff.ci_high < -margin:
+        return False
+    return None
+
+
+def _word(check: bool | None) -> str:
+    return "INCONCLUSIVE" if check is None else "ok" if check else "FAILS"
+
+
+def _interval(diff: Difference) -> str:
+    if diff.ci_low is None or diff.ci_high is None:
+        return f"{diff.mean:+.2f} (no interval)"
+    return f"{diff.mean:+.2f} [{diff.ci_low:+.2f}, {diff.ci_high:+.2f}]"
 
 
 def compare_runs(runs: list[Run], criteria: Criteria | None = None) -> list[Comparison]:

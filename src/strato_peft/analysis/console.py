@@ -5,10 +5,17 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from strato_peft.analysis.compare import FAIL, PASS, TABLE_COLUMNS, Comparison, table_rows
+from strato_peft.analysis.compare import (
+    FAIL,
+    INCONCLUSIVE,
+    PASS,
+    TABLE_COLUMNS,
+    Comparison,
+    table_rows,
+)
 from strato_peft.analysis.runs import Skipped
 
-VERDICT_STYLE = {PASS: "bold green", FAIL: "bold red"}
+VERDICT_STYLE = {PASS: "bold green", FAIL: "bold red", INCONCLUSIVE: "bold yellow"}
 
 
 def make_console() -> Console:

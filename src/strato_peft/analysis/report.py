@@ -34,14 +34,17 @@ th { background: #eee; }
 td.PASS { background: #c8f7c5; font-weight: bold; }
 td.FAIL { background: #f7c5c5; font-weight: bold; }
 td.NOT { background: #f7ecc5; }
+td.INCONCLUSIVE { background: #f7ecc5; font-weight: bold; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.8em; }
 """
 
 CRITERIA_TEXT = (
     "PASS needs all three of the product spec's criteria against LoRA of the same task: "
-    "params <= 0.7 x LoRA or train FLOPs <= 0.8 x LoRA; mean score >= LoRA - 0.5 points; "
-    "std over seeds <= 0.4 points. NOT ENOUGH DATA: fewer than 2 seeds or no LoRA baseline."
+    "params <= 0.7 x LoRA or train FLOPs <= 0.8 x LoRA; the 95% interval of the paired score "
+    "difference above -0.5 points; std over seeds <= 0.4 points. INCONCLUSIVE: the interval "
+    "straddles -0.5 or every run scores 0. NOT ENOUGH DATA: fewer than 2 seeds or no LoRA "
+    "baseline."
 )
 
 

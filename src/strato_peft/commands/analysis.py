@@ -52,7 +52,7 @@ def _skipped_json(skipped: list[Any]) -> list[dict[str, str]]:
 
 
 def compare(argv: list[str]) -> int:
-    """Comparison table and PASS / FAIL / NOT ENOUGH DATA verdicts against LoRA."""
+    """Comparison table and PASS / FAIL / INCONCLUSIVE / NOT ENOUGH DATA verdicts against LoRA."""
     parser = _results_parser(
         "compare", "Compare every method/budget with LoRA and judge the spec's success criteria."
     )

@@ -141,6 +141,27 @@ class StratoSearch(Section):
     archive_path: str | None = Field(
         default=None, description="SQLite archive (default: archive.sqlite in the run folder)."
     )
+    mode: Literal["per_slot", "structured"] = Field(
+        default="per_slot",
+        description="per_slot: a rank per (layer, module) slot, the first version's search; "
+        "structured: the lowest adapted layer and a rank per module type, promoted by "
+        "successive halving over real evaluations (docs/strato.md).",
+    )
+    depth_fractions: list[float] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75],
+        description="structured: where the lowest adapted layer may be, as fractions of depth.",
+    )
+    rungs: list[int] = Field(
+        default_factory=lambda: [4, 8, 16],
+        description="structured: optimizer steps of each successive-halving rung; survivors "
+        "resume from their stored state, the winner continues into the final training.",
+    )
+    proposals: list[int] = Field(
+        default_factory=lambda: [4, 3],
+        description="structured: candidates proposed per batch at the first rung (the "
+        "surrogate is refitted to the real evaluations between batches).",
+    )
+    probe_seeds: int = Field(default=2, gt=0, description="Sensitivity probes (seeds) averaged.")
 
 
 class StratoSettings(Section):
@@ -168,10 +189,13 @@ class StratoSettings(Section):
     reference: StratoReference = Field(default_factory=StratoReference)
     budget: StratoBudget = Field(default_factory=StratoBudget)
     search: StratoSearch = Field(default_factory=StratoSearch)
-    control: Literal["none", "uniform", "random"] = Field(
+    control: Literal["none", "uniform", "band", "random", "random-search"] = Field(
         default="none",
-        description="none: the search; uniform: LoRA at the same params (see control_from); "
-        "random: a random feasible allocation under the budget.",
+        description="none: the search; uniform: LoRA on the reference's modules, all layers, "
+        "at the same params (see control_from); band: every module type from the found "
+        "lowest layer up at the uniform rank of the same params; random: a random allocation "
+        "of the space (within 5% of control_from's params and FLOPs when given); "
+        "random-search: the whole search with random proposals (the controller's ablation).",
     )
     control_from: str | None = Field(
         default=None,
@@ -265,6 +289,12 @@ class PeftSettings(Section):
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     use_rslora: bool = False
+    alpha_policy: Literal["fixed", "proportional", "rslora"] = Field(
+        default="fixed",
+        description="alpha of mixed-rank allocations (STRATO and its controls): fixed = "
+        "peft.alpha everywhere (scale alpha/r); proportional = alpha x r / reference rank "
+        "(the reference's alpha/r everywhere); rslora = alpha / sqrt(r).",
+    )
     bias: Literal["none", "all", "lora_only"] = "none"
     adalora: AdaLoraSettings = Field(default_factory=AdaLoraSettings)
     strato: StratoSettings = Field(default_factory=StratoSettings)
@@ -300,6 +330,12 @@ class TaskConfig(Section):
     max_length: int = Field(default=512, gt=0)
     limit: int | None = Field(default=None, gt=0)
     eval_limit: int | None = Field(default=None, gt=0)
+    search_examples: int = Field(
+        default=0,
+        ge=0,
+        description="Problems held out of the training data as STRATO's search-validation "
+        "split (never trained on, by any arm); the report split (eval) is never searched on.",
+    )
     num_fewshot: int | None = Field(default=None, ge=0)
     max_new_tokens: int | None = Field(
         default=None, gt=0, description="Generation cap of generative tasks (GSM8K, HumanEval)."

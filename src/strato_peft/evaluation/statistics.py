@@ -42,14 +42,30 @@ def bootstrap_ci(
     return low, high
 
 
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion (Wilson 1927): it stays honest at 0 and n,
+    where a normal or bootstrap interval collapses to a point (0 of 32: [0, 0.107])."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def summarize(name: str, values: Sequence[float]) -> dict[str, Any]:
-    """``{name: mean, name_stderr: se, name_ci95: [lo, hi]}`` (normal interval, clipped to [0, 1])."""
+    """``{name: mean, name_stderr: se, name_ci95: [lo, hi]}``.
+
+    The interval is Wilson's for a proportion (every value 0 or 1), else the normal
+    interval clipped to [0, 1].
+    """
     mean, se = mean_stderr(values)
-    return {
-        name: mean,
-        f"{name}_stderr": se,
-        f"{name}_ci95": [max(0.0, mean - 1.96 * se), min(1.0, mean + 1.96 * se)],
-    }
+    if values and all(v in (0, 1) for v in values):
+        interval = list(wilson_interval(sum(values), len(values)))
+    else:
+        interval = [max(0.0, mean - 1.96 * se), min(1.0, mean + 1.96 * se)]
+    return {name: mean, f"{name}_stderr": se, f"{name}_ci95": interval}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -3,11 +3,14 @@
 ``build`` runs the search (:mod:`strato_peft.strato`) on the base model before the
 final training, then returns a plain ``peft`` LoRA whose ``target_modules`` are the
 adapted modules and whose ``rank_pattern`` holds their ranks, so the saved adapter
-loads without this package. The controls (``peft.strato.control``) skip the search:
-
-* ``uniform``: LoRA on the reference's module types in every layer, at the rank whose
-  params are closest to the found allocation's (``control_from``) or to the budget;
-* ``random``: a random feasible allocation under the same hard budget (seeded).
+loads without this package. Two searches: ``per_slot`` (the first version: a rank per
+layer and module) and ``structured`` (v2: the lowest adapted layer and a rank per module
+type, successive halving over resumable evaluations, the winner's state continued into
+the final training). The search picks its result on the task's search-validation split
+(``task.search_examples``, held out of the training data); the report split is never
+read by it. The controls (``peft.strato.control``, :mod:`strato_peft.strato.controls`)
+skip the search: ``uniform``, ``band`` and ``random``, matched on ``control_from``'s
+found allocation; ``random-search`` runs the structured search with random proposals.
 
 A finished search is not repeated: a run that resumes (or a second run in the same
 folder) reads ``allocation.json``; an interrupted search resumes from its archive.
@@ -18,11 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from strato_peft.config.schema import PeftSettings
+from strato_peft.costs import trainable_params
 from strato_peft.methods.base import Method, MethodError
 from strato_peft.results import ALLOCATION_FILE, SEARCH_FILE, atomic_write_json, read_json_or
 
@@ -47,6 +50,7 @@ class StratoMethod(Method):
         super().__init__(settings, total_steps)
         self.allocation: dict[str, int] | None = None
         self._summary: dict[str, Any] = {}
+        self._winner_state: Path | None = None
 
     @classmethod
     def run_label(cls, settings: PeftSettings) -> str:
@@ -87,16 +91,33 @@ class StratoMethod(Method):
         self, model: PreTrainedModel, space: SearchSpace | None = None
     ) -> dict[str, int]:
         """Run (or resume, or reuse) the search, or draw a control allocation."""
+        from strato_peft.strato import controls
+
         s = self.settings.strato
         space = space or self.space(model)
         ctx = self.context
         seed = ctx.config.seed if ctx else 0
-        if s.control == "uniform":
-            return self._uniform(space)
-        if s.control == "random":
-            ranks = _random_ranks(space, seed)
-            allocation = space.to_dict(ranks)
-            self._summary["control"] = {"kind": "random", "seed": seed}
+        if s.control in ("uniform", "band", "random"):
+            found = self._control_target()
+            if s.control == "uniform":
+                if found is not None:
+                    target = trainable_params(space.arch, found)
+                    origin = f"allocation of {s.control_from}"
+                else:
+                    cap = s.budget.params or 1.0
+                    target = int(cap * space.reference_report.trainable_params)
+                    origin = f"params budget {cap:g} x reference"
+                modules = s.reference.target_modules
+                allocation, summary = controls.uniform(space, modules, target, origin)
+            elif s.control == "band":
+                if found is None:
+                    raise MethodError(
+                        "peft.strato.control=band needs control_from (a STRATO run folder)"
+                    )
+                allocation, summary = controls.band(space, found, s.module_types)
+            else:
+                allocation, summary = controls.random_matched(self.structured(space), found, seed)
+            self._summary["control"] = summary
             return allocation
         if ctx is None:
             raise MethodError(
@@ -105,15 +126,16 @@ class StratoMethod(Method):
             )
         folder = ctx.folder
         done = read_json_or(folder / SEARCH_FILE, {})
-        found = read_json_or(folder / ALLOCATION_FILE, {})
-        if done.get("complete") and isinstance(found, dict) and found:
+        found_allocation = read_json_or(folder / ALLOCATION_FILE, {})
+        if done.get("complete") and isinstance(found_allocation, dict) and found_allocation:
             log.info("search already complete in %s: reusing %s", folder, ALLOCATION_FILE)
             self._summary["search"] = _search_summary(done)
-            return {str(k): int(v) for k, v in found.items()}
+            return {str(k): int(v) for k, v in found_allocation.items()}
         accelerator = ctx.accelerator
         if accelerator.is_main_process:
             outcome = self._search(model, space)
             self._summary["search"] = _search_summary(outcome.summary)
+            self._winner_state = getattr(outcome, "winner_state", None)
         accelerator.wait_for_everyone()
         allocation = read_json_or(folder / ALLOCATION_FILE, {})
         if not allocation:
@@ -122,55 +144,69 @@ class StratoMethod(Method):
             self._summary["search"] = _search_summary(read_json_or(folder / SEARCH_FILE, {}))
         return {str(k): int(v) for k, v in allocation.items()}
 
+    def structured(self, space: SearchSpace) -> Any:
+        from strato_peft.strato.structured import StructuredSpace
+
+        return StructuredSpace(space, list(self.settings.strato.search.depth_fractions))
+
+    def _control_target(self) -> dict[str, int] | None:
+        s = self.settings.strato
+        if not s.control_from:
+            return None
+        found = read_json_or(Path(s.control_from) / ALLOCATION_FILE, {})
+        if not found:
+            raise MethodError(
+                f"peft.strato.control_from: no {ALLOCATION_FILE} in {s.control_from} "
+                "(give the folder of a finished STRATO run)"
+            )
+        return {str(k): int(v) for k, v in found.items()}
+
     def _search(self, model: PreTrainedModel, space: SearchSpace) -> Any:
         from strato_peft.encoding import encode_examples
         from strato_peft.recipe import LocalAccelerator, TrainingRecipe
         from strato_peft.strato.evaluator import RealEvaluator
+        from strato_peft.strato.halving import StructuredSearch
         from strato_peft.strato.search import Search
+        from strato_peft.tasks.base import split_hash
 
         ctx = self.context
         assert ctx is not None
         cfg, task, s = ctx.config, ctx.task, self.settings.strato
-        train = encode_examples(task, task.train_examples(), ctx.tokenizer, cfg.task.max_length)
-        held = encode_examples(
-            task, task.eval_examples()[: s.search.eval_examples], ctx.tokenizer, cfg.task.max_length
-        )
+        search_split = task.search_examples()
+        if not search_split:
+            raise MethodError(
+                "peft.method=strato picks its allocation on a search-validation split held out "
+                "of the training data: set task.search_examples (e.g. 64); the report split "
+                "(the held-out eval examples) is never searched on"
+            )
+        train_split = task.train_examples()
+        splits = {
+            "train": split_hash(train_split),
+            "search": split_hash(search_split),
+            "report": split_hash(task.eval_examples()),
+        }
+        n = cfg.task.max_length
+        train = encode_examples(task, train_split, ctx.tokenizer, n)
+        held = encode_examples(task, search_split[: s.search.eval_examples], ctx.tokenizer, n)
         recipe, builder = TrainingRecipe.from_config(cfg), self.lora_builder
+        structured = s.search.mode == "structured" or s.control == "random-search"
         evaluator = RealEvaluator(
             model, train, held, steps=s.search.steps_per_evaluation, recipe=recipe,
             builder=builder, accelerator=LocalAccelerator.like(ctx.accelerator),
             pad_token_id=ctx.tokenizer.pad_token_id,
+            schedule_steps=self.total_steps if structured else None,
         )  # fmt: skip
-        protocol = protocol_fingerprint(cfg, recipe, builder, len(train), len(held))
-        search = Search(space, evaluator, s, ctx.folder, seed=cfg.seed, protocol=protocol)
-        return search.run()
-
-    def _uniform(self, space: SearchSpace) -> dict[str, int]:
-        from strato_peft.costs import trainable_params, uniform_allocation
-
-        s = self.settings.strato
-        # priced by the cost model, not the space: rank 1 need not be on the rank menu
-        per_rank = trainable_params(
-            space.arch, uniform_allocation(space.arch, 1, s.reference.target_modules)
-        )
-        if s.control_from:
-            found = read_json_or(Path(s.control_from) / ALLOCATION_FILE, {})
-            if not found:
-                raise MethodError(
-                    f"peft.strato.control_from: no {ALLOCATION_FILE} in {s.control_from} "
-                    "(give the folder of a finished STRATO run)"
-                )
-            target = trainable_params(space.arch, found)
-            origin = f"allocation of {s.control_from}"
-        else:
-            cap = s.budget.params or 1.0
-            target = int(cap * space.reference_report.trainable_params)
-            origin = f"params budget {cap:g} x reference"
-        rank = max(1, round(target / per_rank))
-        self._summary["control"] = {
-            "kind": "uniform", "target_params": target, "rank": rank, "target_from": origin,
-        }  # fmt: skip
-        return uniform_allocation(space.arch, rank, s.reference.target_modules)
+        protocol = protocol_fingerprint(cfg, recipe, builder, len(train), len(held), structured)
+        if structured:
+            proposer = "random" if s.control == "random-search" else "ppo"
+            return StructuredSearch(
+                self.structured(space), evaluator, s, ctx.folder, seed=cfg.seed,
+                protocol=protocol, proposer=proposer, splits=splits,
+                training_steps=self.total_steps,
+            ).run()  # fmt: skip
+        outcome = Search(space, evaluator, s, ctx.folder, seed=cfg.seed, protocol=protocol).run()
+        outcome.summary["splits"] = splits
+        return outcome
 
     # -- Method API ------------------------------------------------------------------------
     def build(self, model: PreTrainedModel) -> PeftModel:
@@ -178,12 +214,9 @@ class StratoMethod(Method):
         space = self.space(model)
         allocation = self.choose_allocation(model, space)
         self.allocation = allocation
-        ranks = space.to_ranks(allocation) if self.settings.strato.control == "none" else None
-        fractions = (
-            space.fractions(ranks, memory=True)
-            if ranks is not None
-            else _fractions_free(space, allocation)
-        )
+        from strato_peft.strato.controls import cost_fractions
+
+        fractions = cost_fractions(space, allocation)
         self._summary["allocation"] = {
             "adapted_modules": len(allocation),
             "rank_total": sum(allocation.values()),
@@ -195,7 +228,28 @@ class StratoMethod(Method):
         )  # fmt: skip
         if self.context is not None and self.context.accelerator.is_main_process:
             atomic_write_json(self.context.folder / ALLOCATION_FILE, allocation)
-        return self.lora_builder.build(model, self.allocation_config(allocation))
+        peft_model = self.lora_builder.build(model, self.allocation_config(allocation))
+        if self._winner_state is not None:
+            self._continue_winner(peft_model)
+        return peft_model
+
+    def _continue_winner(self, peft_model: PeftModel) -> None:
+        """Write the search winner's state as the run's first checkpoint, so the final
+        training resumes it (its rung steps are not trained again). One process only:
+        under DDP the data is sharded differently from the search, so it starts afresh."""
+        from strato_peft.recipe import TrainingRecipe
+        from strato_peft.strato.handoff import write_handoff_checkpoint
+
+        ctx = self.context
+        assert ctx is not None and self._winner_state is not None
+        if ctx.accelerator.num_processes > 1:
+            log.info("several processes: the final training starts afresh, not from the winner")
+            return
+        recipe = TrainingRecipe.from_config(ctx.config)
+        step = write_handoff_checkpoint(
+            ctx.folder, peft_model, self._winner_state, recipe, self.total_steps or 1
+        )
+        self._summary["continued_from_search_step"] = step
 
     def allocation_config(self, allocation: dict[str, int]) -> LoraConfig:
         """A plain peft LoRA for ``allocation``: exact module names, ranks in rank_pattern."""
@@ -229,33 +283,22 @@ class StratoMethod(Method):
         return {**super().summary(), **self._summary}
 
 
-def _random_ranks(space: SearchSpace, seed: int) -> list[int]:
-    from strato_peft.strato.search import random_allocation
-
-    return random_allocation(space, random.Random(f"strato-random-{seed}"))
-
-
-def _fractions_free(space: SearchSpace, allocation: dict[str, int]) -> dict[str, float]:
-    """Cost fractions of an allocation whose ranks need not be on the menu (controls)."""
-    ref = space.reference_report
-    report = space.report(allocation)
-    return {
-        "params": report.trainable_params / ref.trainable_params,
-        "flops": report.train_flops_per_token / ref.train_flops_per_token,
-        "memory": report.memory_bytes / ref.memory_bytes,
-    }
-
-
 def _search_summary(summary: dict[str, Any]) -> dict[str, Any]:
     keys = (
         "real_evaluations", "search_wall_time_s", "evaluation_wall_time_s", "stop_reason",
-        "policy", "base_loss", "reference_loss", "best", "lambda",
+        "policy", "base_loss", "reference_loss", "best", "lambda", "mode", "proposer",
+        "winner", "cost", "splits", "evaluations_per_rung", "proxy_spearman",
     )  # fmt: skip
     return {k: summary.get(k) for k in keys}
 
 
 def protocol_fingerprint(
-    config: Any, recipe: TrainingRecipe, builder: LoraBuilder, n_train: int, n_held: int
+    config: Any,
+    recipe: TrainingRecipe,
+    builder: LoraBuilder,
+    n_train: int,
+    n_held: int,
+    structured: bool = False,
 ) -> str:
     """Fingerprint of what a real evaluation measures (the archive's key prefix).
 
@@ -270,5 +313,6 @@ def protocol_fingerprint(
         "steps": config.peft.strato.search.steps_per_evaluation,
         "recipe": recipe.fingerprint(),
         "lora": builder.fingerprint(),
+        "structured": config.peft.strato.search.rungs if structured else None,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,6 +51,39 @@ class EvaluationResult:
     """Mean answer-token loss of every optimizer step."""
 
 
+@dataclass
+class CandidateState:
+    """Where a candidate's training stands after a rung: enough to resume it exactly."""
+
+    steps: int
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    epoch: int
+    batches_in_epoch: int
+    rng: torch.Tensor
+    train_losses: list[float]
+    tokens: int
+
+    def save(self, path: Path) -> None:
+        """Tensors and plain values only (``torch.load(weights_only=True)`` reads it back)."""
+        import io
+
+        from strato_peft.results import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        torch.save(self.__dict__, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> CandidateState:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            return cls(**data)
+        except (OSError, RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"candidate state {path} cannot be read: {exc}") from None
+
+
 class RealEvaluator:
     """Short fine-tunes of allocations on a fixed base model (see the module docstring)."""
 
@@ -64,9 +98,13 @@ class RealEvaluator:
         builder: LoraBuilder,
         accelerator: LocalAccelerator,
         pad_token_id: int,
+        schedule_steps: int | None = None,
     ) -> None:
         self.base = base
         self.steps = steps
+        self.schedule_steps = schedule_steps or steps
+        """Horizon of the learning-rate schedule: the run's total steps for candidates that
+        may continue into the final training (a rung is then a prefix of that training)."""
         self.recipe = recipe
         self.builder = builder
         self.accelerator = accelerator
@@ -110,27 +148,80 @@ class RealEvaluator:
         del model, optimizer, runner
         return EvaluationResult(loss, time.perf_counter() - start, losses)
 
+    def train(
+        self, allocation: Mapping[str, int], steps: int, state: CandidateState | None = None
+    ) -> tuple[EvaluationResult, CandidateState]:
+        """Train ``allocation`` to ``steps`` optimizer steps (from ``state`` when given) on
+        the schedule of :attr:`schedule_steps`; its held-out loss and its state."""
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=_rng_devices(self.device)):
+            model = self.build(allocation)
+            params = dict(model.named_parameters())
+            optimizer = self.recipe.optimizer([p for p in params.values() if p.requires_grad])
+            scheduler = self.recipe.scheduler(optimizer, self.schedule_steps)
+            position, losses, tokens, done = DataPosition(), [], 0, 0
+            if state is None:
+                torch.manual_seed(self.recipe.seed)
+            else:
+                with torch.no_grad():
+                    for name, tensor in state.adapter.items():
+                        params[name].copy_(tensor)
+                optimizer.load_state_dict(state.optimizer)
+                scheduler.load_state_dict(state.scheduler)
+                position = DataPosition(state.epoch, state.batches_in_epoch)
+                torch.set_rng_state(state.rng)
+                losses, tokens, done = list(state.train_losses), state.tokens, state.steps
+            runner = self.runner(model, optimizer, scheduler)
+            model.train()
+            windows = iterate_windows(
+                self.train_loader, self.recipe.gradient_accumulation_steps, position
+            )
+            for _ in range(steps - done):
+                loss, n = runner.step(next(windows))
+                losses.append(loss)
+                tokens += n
+            new_state = CandidateState(
+                steps=steps,
+                adapter={n: p.detach().cpu().clone() for n, p in params.items() if p.requires_grad},
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                epoch=position.epoch,
+                batches_in_epoch=position.batches_in_epoch,
+                rng=torch.get_rng_state(),
+                train_losses=losses,
+                tokens=tokens,
+            )
+            eval_loss = runner.held_out_loss(self.eval_loader)
+        del model, optimizer, runner
+        return EvaluationResult(eval_loss, time.perf_counter() - start, losses), new_state
+
 
 def _rng_devices(device: torch.device) -> list[Any]:
     return [device] if device.type == "cuda" else []
 
 
 def probe_sensitivity(
-    evaluator: RealEvaluator, slots: list[Slot], batches: int, rank: int = 8
+    evaluator: RealEvaluator, slots: list[Slot], batches: int, rank: int = 8, seed: int = 0
 ) -> list[float]:
-    """Per-slot sensitivity: |dL/dB| of a temporary LoRA at initialisation (B = 0).
+    """Per-slot sensitivity per parameter: ``|dL/dB|^2 / (d_in + d_out)`` of a temporary
+    LoRA at initialisation (``B = 0``), dropout off.
 
     With ``B = 0`` the adapter does not change the model yet; the gradient of ``B`` is
-    the first-order gain of opening that slot, measured on the task's training batches
-    (the first ``batches`` of the evaluator's fixed order). Returned in slot order,
-    normalised to mean 1.
+    the first-order gain of opening that slot, measured on ``batches`` training batches
+    (the evaluator's fixed order, from batch ``seed x batches`` on, so two seeds see
+    different batches and their agreement measures the ranking's stability). Dividing by
+    the slot's parameters per rank prices the gain per parameter, as the budget does.
+    Returned in slot order, normalised to mean 1.
     """
     allocation = {s.name: rank for s in slots}
-    model = evaluator.build(allocation)
+    with torch.random.fork_rng(devices=_rng_devices(evaluator.device)):
+        torch.manual_seed(evaluator.recipe.seed + seed)
+        model = evaluator.build(allocation)
     runner = evaluator.runner(model)
-    model.train()
+    model.eval()  # dropout off: the gradient of the model the adapter starts from
     set_epoch(evaluator.train_loader, 0)
-    for batch in itertools.islice(evaluator.train_loader, batches):
+    first = seed * batches
+    for batch in itertools.islice(evaluator.train_loader, first, first + batches):
         loss_sum, count = runner.loss_sum(batch)
         (loss_sum / count.clamp(min=1)).backward()
     norms: dict[str, float] = {}
@@ -140,11 +231,11 @@ def probe_sensitivity(
             continue
         grad = lora_b["default"].weight.grad
         key = name.split("base_model.model.", 1)[-1]
-        norms[key] = float(grad.norm()) if grad is not None else 0.0
+        norms[key] = float(grad.pow(2).sum()) if grad is not None else 0.0
     missing = [s.name for s in slots if s.name not in norms]
     if missing:
         raise RuntimeError(f"sensitivity probe found no adapter for {missing[:3]}")
-    values = [norms[s.name] for s in slots]
+    values = [norms[s.name] / (s.d_in + s.d_out) for s in slots]
     mean = sum(values) / len(values) or 1.0
     del model
     return [v / mean for v in values]

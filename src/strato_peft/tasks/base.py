@@ -116,6 +116,16 @@ def load_hub_split(dataset_id: str, config: str | None, split: str) -> list[dict
     return [dict(row) for row in datasets.load_dataset(dataset_id, config, split=split)]
 
 
+def _id_hash(example_id: str) -> str:
+    return hashlib.sha256(f"search-split:{example_id}".encode()).hexdigest()
+
+
+def split_hash(examples: list[Example]) -> str:
+    """A hash of a split's example ids (``search.json`` records one per split)."""
+    ids = sorted(e.id for e in examples)
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
 class Task:
     """Base class of every task; subclasses fill in the data loaders and the scorer.
 
@@ -227,11 +237,33 @@ class Task:
         return examples if limit is None else examples[:limit]
 
     def train_examples(self) -> list[Example]:
-        """Training examples (``task.limit`` applied)."""
-        return self._cap(self._split("train"), self.cfg.limit)
+        """Training examples (``task.limit`` applied), the search-validation split left out."""
+        return self._cap(self._train_and_search()[0], self.cfg.limit)
+
+    def search_examples(self) -> list[Example]:
+        """The search-validation split: ``task.search_examples`` problems of the training
+        data, chosen by a hash of their ids, that no run trains on (STRATO's search picks
+        its result on them; the report split, :meth:`eval_examples`, it never reads)."""
+        return self._train_and_search()[1]
+
+    def _train_and_search(self) -> tuple[list[Example], list[Example]]:
+        pool = self._split("train")
+        n = self.cfg.search_examples
+        if not n:
+            return pool, []
+        if n >= len(pool):
+            raise DataError(
+                f"task.search_examples={n} leaves no training data (the {self.name} training "
+                f"split has {len(pool)} examples)"
+            )
+        ranked = sorted(range(len(pool)), key=lambda i: _id_hash(pool[i].id))
+        chosen = set(ranked[:n])
+        train = [e for i, e in enumerate(pool) if i not in chosen]
+        return train, [pool[i] for i in sorted(chosen)]
 
     def eval_examples(self) -> list[Example]:
-        """Held-out examples for the training-time loss (``eval_limit`` or ``limit`` applied)."""
+        """The report split: held-out examples for the loss and answer-token accuracy that
+        a run reports (``eval_limit`` or ``limit`` applied); searches never read it."""
         return self._cap(self._split("eval"), self.cfg.eval_limit or self.cfg.limit)
 
     def test_examples(self, limit: int | None = None) -> list[Example]:

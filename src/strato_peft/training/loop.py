@@ -88,6 +88,7 @@ class Trainer:
         self.recipe = TrainingRecipe.from_config(config)
         train = encode_examples(task, task.train_examples(), tokenizer, config.task.max_length)
         held_out = encode_examples(task, task.eval_examples(), tokenizer, config.task.max_length)
+        self.held_out = held_out
         self.plan = make_plan(len(train), config, accelerator.num_processes)
         optimizer = self.recipe.optimizer([p for p in model.parameters() if p.requires_grad])
         self.scheduler = self.recipe.scheduler(optimizer, self.plan.total_steps)
@@ -247,6 +248,14 @@ class Trainer:
     def evaluate_loss(self) -> float:
         """Mean answer-token loss on the held-out split (all processes)."""
         return self.runner.held_out_loss(self.eval_loader)
+
+    def report_stats(self) -> dict[str, Any]:
+        """The report split's loss and teacher-forced answer-token accuracy (points), each
+        with a standard error and a bootstrap 95% interval over examples (main process)."""
+        model = self.accelerator.unwrap_model(self.model)
+        runner = StepRunner(model, None, None, self.recipe, self.accelerator)
+        loader = self.recipe.eval_loader(self.held_out, self.tokenizer.pad_token_id)
+        return runner.held_out_stats(loader).summary()
 
     def train(self) -> None:
         """Run optimizer steps until the plan's total, with evaluation and checkpoints."""

@@ -243,6 +243,9 @@ def evaluate(session: Session, parts: Parts) -> tuple[dict[str, Any], dict[str, 
     config, accelerator, trainer = session.config, session.accelerator, parts.trainer
     final: dict[str, Any] = {"eval_loss": trainer.evaluate_loss()}
     task_metrics: dict[str, Any] = {}
+    if session.main:
+        report = trainer.report_stats()
+        final.update({k: v for k, v in report.items() if k != "eval_loss"})
     if config.task.final_eval and session.main:
         unwrapped = accelerator.unwrap_model(trainer.model)
         unwrapped.eval()
