@@ -51,6 +51,9 @@ PRIMARY_METRICS: dict[str, str] = {
 headline filter); Alpaca has no reference answers, so its score is the held-out loss."""
 
 LOSS_METRIC = "eval_loss"
+ACCURACY_METRIC = "token_accuracy"
+"""Teacher-forced answer-token accuracy on the report split, in points: a score the CPU
+can measure where generation accuracy is 0 for every arm."""
 PRIMARY = "primary"
 RUN_NAME = re.compile(
     r"^(?P<method>[a-z0-9_-]+?)_rank(?P<rank>\d+)(?:_lambda(?P<lam>[^_]+))?_seed(?P<seed>\d+)$"
@@ -109,8 +112,19 @@ def primary_metric(task: str) -> str:
     return PRIMARY_METRICS.get(task, LOSS_METRIC)
 
 
-def score_points(metric: str, task_metrics: dict[str, Any], eval_loss: float | None) -> float:
-    """The score in points: ``100 x metric`` or ``-100 x eval_loss``; ``KeyError`` when absent."""
+def score_points(
+    metric: str,
+    task_metrics: dict[str, Any],
+    eval_loss: float | None,
+    final: dict[str, Any] | None = None,
+) -> float:
+    """The score in points: ``100 x metric``, the report split's answer-token accuracy
+    (already in points) or ``-100 x eval_loss``; ``KeyError`` when absent."""
+    if metric == ACCURACY_METRIC:
+        value = (final or {}).get(ACCURACY_METRIC)
+        if not isinstance(value, (int, float)):
+            raise KeyError(f"no final {ACCURACY_METRIC} in metrics.json (a run before v2?)")
+        return float(value)
     if metric == LOSS_METRIC:
         if eval_loss is None:
             raise KeyError("no final eval_loss in metrics.json")
@@ -173,7 +187,7 @@ def load_run(folder: Path, metric: str = PRIMARY, cost_model: bool = True) -> Ru
         eval_loss = final.get("eval_loss")
         task_metrics = metrics.get("task") or {}
         chosen = primary_metric(task) if metric == PRIMARY else metric
-        score = score_points(chosen, task_metrics, eval_loss)
+        score = score_points(chosen, task_metrics, eval_loss, final)
         trainable = int(costs["trainable_params"])
     except KeyError as exc:
         reason = exc.args[0] if exc.args and " " in str(exc.args[0]) else f"missing field {exc}"

@@ -204,9 +204,10 @@ class StratoMethod(Method):
                 protocol=protocol, proposer=proposer, splits=splits,
                 training_steps=self.total_steps,
             ).run()  # fmt: skip
-        outcome = Search(space, evaluator, s, ctx.folder, seed=cfg.seed, protocol=protocol).run()
-        outcome.summary["splits"] = splits
-        return outcome
+        search = Search(
+            space, evaluator, s, ctx.folder, seed=cfg.seed, protocol=protocol, splits=splits
+        )
+        return search.run()
 
     # -- Method API ------------------------------------------------------------------------
     def build(self, model: PreTrainedModel) -> PeftModel:

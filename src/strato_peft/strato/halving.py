@@ -105,6 +105,8 @@ class StructuredSearch:
         self.proposer = proposer
         self.splits = splits or {}
         self.training_steps = training_steps or max(self.search.rungs)
+        # a rung cannot train past the run (a --fast-dev-run has 4 steps in all)
+        self.rungs = sorted({min(r, self.training_steps) for r in self.search.rungs})
         self.lam = float(settings.lambda_)
         self.rng = random.Random(f"structured-{seed}")
         path = Path(self.search.archive_path) if self.search.archive_path else folder / ARCHIVE_FILE
@@ -212,7 +214,7 @@ class StructuredSearch:
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> SearchOutcome:
         start = time.perf_counter()
-        rungs = sorted(set(self.search.rungs))
+        rungs = self.rungs
         sensitivity, stability = self._probe()
         reference_ranks = self.space.to_ranks(self.space.reference)
         self.base_loss = self.evaluator.base_loss()
@@ -264,7 +266,7 @@ class StructuredSearch:
         stability: float | None,
         start: float,
     ) -> SearchOutcome:
-        rungs = sorted(set(self.search.rungs))
+        rungs = self.rungs
         ranks = self.structured.ranks(winner.choice)
         allocation = self.space.to_dict(ranks)
         rows: list[dict[str, Any]] = []

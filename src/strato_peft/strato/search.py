@@ -158,6 +158,7 @@ class Search:
         seed: int,
         protocol: str,
         probe_batches: int | None = None,
+        splits: dict[str, str] | None = None,
     ) -> None:
         self.space = space
         self.evaluator = evaluator
@@ -166,6 +167,7 @@ class Search:
         self.folder = folder
         self.seed = seed
         self.protocol = protocol
+        self.splits = splits or {}
         self.lam = float(settings.lambda_)
         self.rng = random.Random(seed)
         path = Path(self.search.archive_path) if self.search.archive_path else folder / ARCHIVE_FILE
@@ -382,6 +384,7 @@ class Search:
         summary = {
             "complete": True,
             "protocol": self.protocol,
+            "splits": self.splits,
             "space": self.space.describe(),
             "lambda": self.lam,
             "policy": {"algorithm": "sb3-contrib MaskablePPO", "parameters": n_policy},

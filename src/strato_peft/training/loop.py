@@ -249,6 +249,13 @@ class Trainer:
         """Mean answer-token loss on the held-out split (all processes)."""
         return self.runner.held_out_loss(self.eval_loader)
 
+    def split_loss(self, examples: list[Any]) -> float:
+        """Answer-token loss of ``examples`` (e.g. the search-validation split; main process)."""
+        items = encode_examples(self.task, examples, self.tokenizer, self.config.task.max_length)
+        model = self.accelerator.unwrap_model(self.model)
+        runner = StepRunner(model, None, None, self.recipe, self.accelerator)
+        return runner.held_out_loss(self.recipe.eval_loader(items, self.tokenizer.pad_token_id))
+
     def report_stats(self) -> dict[str, Any]:
         """The report split's loss and teacher-forced answer-token accuracy (points), each
         with a standard error and a bootstrap 95% interval over examples (main process)."""

@@ -246,6 +246,9 @@ def evaluate(session: Session, parts: Parts) -> tuple[dict[str, Any], dict[str, 
     if session.main:
         report = trainer.report_stats()
         final.update({k: v for k, v in report.items() if k != "eval_loss"})
+        search_split = parts.task.search_examples()
+        if search_split:  # what a learning-rate sweep may choose on (never the report split)
+            final["search_loss"] = trainer.split_loss(search_split)
     if config.task.final_eval and session.main:
         unwrapped = accelerator.unwrap_model(trainer.model)
         unwrapped.eval()
