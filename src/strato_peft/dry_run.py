@@ -76,12 +76,7 @@ def dry_run_report(config: ExperimentConfig, platform_note: str | None = None) -
         from peft import get_peft_model
 
         peft_model = get_peft_model(model, method.reference_config(model))
-        budget = config.peft.strato.budget
-        report["note"] = (
-            "strato: the allocation is found by the search at run time; the figures below "
-            "are those of the reference LoRA its budget is relative to"
-        )
-        report["budget"] = {"params": budget.params, "flops": budget.flops}
+    report.update(method.dry_run_notes(config.training.max_steps))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     ranks = costs.allocation_from_peft_model(peft_model)
     report["costs"] = cost_estimate(config, peft_model)
@@ -89,6 +84,9 @@ def dry_run_report(config: ExperimentConfig, platform_note: str | None = None) -
         report[key] = report["costs"][key]
     report["adapter_flops_share"] = report["costs"]["adapter_flops_share"]
     report["memory_bytes"] = report["costs"]["memory_bytes"]
+    plan = report.get("search_plan")
+    if plan:  # at most the reference's FLOPs per step: every candidate is within the budget
+        plan["flops_upper_bound"] = plan["step_equivalents"] * report["train_flops_per_step"]
     report.update(
         total_params=total,
         trainable_params=trainable,
@@ -146,6 +144,22 @@ def format_report(report: dict[str, Any]) -> str:
     if "note" in report:
         lines.append(f"note             {report['note']}")
         lines.append(f"budget           {report['budget']}")
+    if "search_plan" in report:
+        plan = report["search_plan"]
+        ratio = plan["step_equivalents_ratio"]
+        shape = (
+            ", ".join(
+                f"{n} x {r} steps"
+                for n, r in zip(plan["evaluations_per_rung"], plan["rungs"], strict=True)
+            )
+            if plan["mode"] == "structured"
+            else f"{plan['evaluations']} x {plan['steps_per_evaluation']} steps"
+        )
+        lines.append(
+            f"search plan      {plan['mode']}: {shape}; {plan['step_equivalents']} optimizer-step "
+            f"equivalents{f' ({ratio:.2f}x the run)' if ratio else ''}, at most "
+            f"{plan['flops_upper_bound'] / 1e15:.2f} PFLOP"
+        )
     lines += [
         f"total params     {report['total_params']:,} (base model)",
         f"trainable params {report['trainable_params']:,} ({report['trainable_percent']:.4f}% of base)",

@@ -114,6 +114,10 @@ class Method:
         static, the reference its budget is relative to otherwise (STRATO)."""
         return self.peft_config(model)
 
+    def dry_run_notes(self, total_steps: int | None) -> dict[str, Any]:
+        """What a dry run should say beyond the priced config (STRATO: its search plan)."""
+        return {}
+
     # -- the LoRA family's settings --------------------------------------------------------
     @property
     def lora_builder(self) -> LoraBuilder:

@@ -19,8 +19,10 @@ folder) reads ``allocation.json``; an interrupted search resumes from its archiv
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +70,39 @@ class StratoMethod(Method):
         """The uniform LoRA that STRATO's budget (``peft.strato.budget``) is relative to."""
         ref = self.settings.strato.reference
         return self.lora_builder.config(r=ref.rank, target_modules=ref.target_modules)
+
+    def dry_run_notes(self, total_steps: int | None) -> dict[str, Any]:
+        budget = self.settings.strato.budget
+        return {
+            "note": "strato: the allocation is found by the search at run time; the figures "
+            "below are those of the reference LoRA its budget is relative to",
+            "budget": {"params": budget.params, "flops": budget.flops},
+            "search_plan": self.search_plan(total_steps),
+        }
+
+    def search_plan(self, total_steps: int | None) -> dict[str, Any]:
+        """Evaluations per rung and the search's cost in optimizer-step equivalents (the
+        reference anchor's included), before it runs; ``total_steps`` caps the rungs."""
+        s = self.settings.strato.search
+        if s.mode != "structured" and self.settings.strato.control != "random-search":
+            steps = s.evaluations * s.steps_per_evaluation
+            plan: dict[str, Any] = {"mode": "per_slot", "evaluations": s.evaluations,
+                                    "steps_per_evaluation": s.steps_per_evaluation}  # fmt: skip
+        else:
+            rungs = sorted({min(r, total_steps or r) for r in s.rungs})
+            alive = sum(s.proposals)
+            per_rung, steps = [alive], rungs[0] * (alive + 1)
+            for previous, current in itertools.pairwise(rungs):
+                if alive <= 1:
+                    break
+                alive = math.ceil(alive / 2)
+                per_rung.append(alive)
+                steps += alive * (current - previous)
+            plan = {"mode": "structured", "rungs": rungs[: len(per_rung)],
+                    "evaluations_per_rung": per_rung, "winner_steps_reused": rungs[len(per_rung) - 1]}  # fmt: skip
+        plan["step_equivalents"] = steps
+        plan["step_equivalents_ratio"] = steps / total_steps if total_steps else None
+        return plan
 
     # -- allocation ----------------------------------------------------------------------
     def space(self, model: PreTrainedModel) -> SearchSpace:

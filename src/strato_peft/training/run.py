@@ -241,11 +241,17 @@ def build(session: Session) -> Parts:
 def evaluate(session: Session, parts: Parts) -> tuple[dict[str, Any], dict[str, Any]]:
     """Held-out loss (all processes), then the task's evaluator (main process)."""
     config, accelerator, trainer = session.config, session.accelerator, parts.trainer
-    final: dict[str, Any] = {"eval_loss": trainer.evaluate_loss()}
+    final: dict[str, Any] = {}
+    if accelerator.num_processes > 1:  # the sharded loss, every process taking part
+        final["eval_loss"] = trainer.evaluate_loss()
     task_metrics: dict[str, Any] = {}
-    if session.main:
+    if session.main:  # one pass over the report split: loss, accuracy, their intervals
         report = trainer.report_stats()
-        final.update({k: v for k, v in report.items() if k != "eval_loss"})
+        final.update(
+            report
+            if "eval_loss" not in final
+            else {k: v for k, v in report.items() if k != "eval_loss"}
+        )
         search_split = parts.task.search_examples()
         if search_split:  # what a learning-rate sweep may choose on (never the report split)
             final["search_loss"] = trainer.split_loss(search_split)
