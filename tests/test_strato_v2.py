@@ -230,7 +230,7 @@ def test_structured_search_counts_its_cost_and_the_winner_continues_into_trainin
     assert summary["cost"]["step_equivalents"] == 1 + 3 + 2
     assert summary["cost"]["step_equivalents_ratio"] == pytest.approx(6 / 3)
     assert summary["cost"]["net_step_equivalents_ratio"] == pytest.approx((6 - 2) / 3)
-    assert metrics["method"]["continued_from_search_step"] == 2
+    assert metrics["method"]["continued_from_search"].endswith("@2.pt")
     history = metrics["history"]
     assert [h["step"] for h in history] == [1, 2, 3] and history[0].get("search")
     # the continued training is the winner's uninterrupted training (same recipe and state)
@@ -254,6 +254,10 @@ def test_band_and_random_controls_match_the_found_allocation_within_five_percent
     assert summary["lowest_layer"] == 15
     assert all(abs(v) <= controls.MATCH_TOLERANCE for v in summary["deviation"].values()), summary
     assert {s.module_type for s in space.slots if s.name in band} == set(structured.types)
+    target = costs.trainable_params(space.arch, found)
+    uniform, summary = controls.uniform(space, ["q_proj", "v_proj"], target, "found")
+    assert abs(summary["deviation"]["params"]) <= controls.MATCH_TOLERANCE, summary
+    assert {s.layer for s in space.slots if s.name in uniform} == set(range(30))
     drawn, summary = controls.random_matched(structured, found, seed=42)
     assert summary["within_tolerance"], summary
     assert all(abs(v) <= controls.MATCH_TOLERANCE for v in summary["deviation"].values())

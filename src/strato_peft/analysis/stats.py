@@ -1,4 +1,4 @@
-"""Statistics over seeds: group summaries, paired t-test, bootstrap CI of a difference.
+"""Statistics over seeds: group summaries, paired t-test and the interval of a difference.
 
 A method and its LoRA baseline are compared on the seeds both ran (the spec fixes
 seeds {42, 43, 44}), so the test is paired (``scipy.stats.ttest_rel``): seed-to-seed
@@ -138,9 +138,7 @@ def describe_difference(
     size = f"{abs(diff.mean):.2f} points {direction} than" if diff.mean else "the same as"
     text = f"{method_label} scores {size} {baseline_label} on {task}"
     if diff.ci_low is not None and diff.ci_high is not None:
-        text += (
-            f" ({100 * diff.confidence:.0f}% bootstrap CI {diff.ci_low:+.2f} to {diff.ci_high:+.2f}"
-        )
+        text += f" ({100 * diff.confidence:.0f}% CI {diff.ci_low:+.2f} to {diff.ci_high:+.2f}"
         if diff.p_value is not None:
             text += f"; {diff.test} over {diff.n} seeds, p = {diff.p_value:.3g})"
         else:

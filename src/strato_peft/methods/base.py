@@ -114,6 +114,11 @@ class Method:
         static, the reference its budget is relative to otherwise (STRATO)."""
         return self.peft_config(model)
 
+    def initial_state_path(self) -> Path | None:
+        """A stored training state the run should start from when it has no checkpoint
+        (STRATO: its search winner's, which continues into the final training)."""
+        return None
+
     def dry_run_notes(self, total_steps: int | None) -> dict[str, Any]:
         """What a dry run should say beyond the priced config (STRATO: its search plan)."""
         return {}

@@ -165,6 +165,12 @@ class StratoMethod(Method):
         if done.get("complete") and isinstance(found_allocation, dict) and found_allocation:
             log.info("search already complete in %s: reusing %s", folder, ALLOCATION_FILE)
             self._summary["search"] = _search_summary(done)
+            winner = done.get("winner") or {}
+            if winner.get("hash") and winner.get("steps"):
+                from strato_peft.results import SEARCH_STATES_DIR
+
+                name = f"{winner['hash']}@{winner['steps']}.pt"
+                self._winner_state = folder / SEARCH_STATES_DIR / name
             return {str(k): int(v) for k, v in found_allocation.items()}
         accelerator = ctx.accelerator
         if accelerator.is_main_process:
@@ -231,7 +237,9 @@ class StratoMethod(Method):
             pad_token_id=ctx.tokenizer.pad_token_id,
             schedule_steps=self.total_steps if structured else None,
         )  # fmt: skip
-        protocol = protocol_fingerprint(cfg, recipe, builder, len(train), len(held), structured)
+        protocol = protocol_fingerprint(
+            cfg, recipe, builder, len(train), len(held), self.total_steps if structured else None
+        )
         if structured:
             proposer = "random" if s.control == "random-search" else "ppo"
             return StructuredSearch(
@@ -264,28 +272,21 @@ class StratoMethod(Method):
         )  # fmt: skip
         if self.context is not None and self.context.accelerator.is_main_process:
             atomic_write_json(self.context.folder / ALLOCATION_FILE, allocation)
-        peft_model = self.lora_builder.build(model, self.allocation_config(allocation))
-        if self._winner_state is not None:
-            self._continue_winner(peft_model)
-        return peft_model
+        return self.lora_builder.build(model, self.allocation_config(allocation))
 
-    def _continue_winner(self, peft_model: PeftModel) -> None:
-        """Write the search winner's state as the run's first checkpoint, so the final
-        training resumes it (its rung steps are not trained again). One process only:
-        under DDP the data is sharded differently from the search, so it starts afresh."""
-        from strato_peft.recipe import TrainingRecipe
-        from strato_peft.strato.handoff import write_handoff_checkpoint
-
+    def initial_state_path(self) -> Path | None:
+        """The search winner's state after its last rung: the final training continues it
+        (one process only: under DDP the data is sharded unlike the search's)."""
         ctx = self.context
-        assert ctx is not None and self._winner_state is not None
-        if ctx.accelerator.num_processes > 1:
-            log.info("several processes: the final training starts afresh, not from the winner")
-            return
-        recipe = TrainingRecipe.from_config(ctx.config)
-        step = write_handoff_checkpoint(
-            ctx.folder, peft_model, self._winner_state, recipe, self.total_steps or 1
-        )
-        self._summary["continued_from_search_step"] = step
+        if self._winner_state is None or ctx is None or ctx.accelerator.num_processes > 1:
+            return None
+        if not self._winner_state.is_file():
+            log.warning(
+                "the search winner's state %s is missing: training afresh", self._winner_state
+            )
+            return None
+        self._summary["continued_from_search"] = str(self._winner_state.name)
+        return self._winner_state
 
     def allocation_config(self, allocation: dict[str, int]) -> LoraConfig:
         """A plain peft LoRA for ``allocation``: exact module names, ranks in rank_pattern."""
@@ -334,7 +335,7 @@ def protocol_fingerprint(
     builder: LoraBuilder,
     n_train: int,
     n_held: int,
-    structured: bool = False,
+    schedule_steps: int | None = None,
 ) -> str:
     """Fingerprint of what a real evaluation measures (the archive's key prefix).
 
@@ -349,6 +350,7 @@ def protocol_fingerprint(
         "steps": config.peft.strato.search.steps_per_evaluation,
         "recipe": recipe.fingerprint(),
         "lora": builder.fingerprint(),
-        "structured": config.peft.strato.search.rungs if structured else None,
+        # structured: rungs are prefixes of a run of ``schedule_steps`` (its LR schedule)
+        "structured": [config.peft.strato.search.rungs, schedule_steps] if schedule_steps else None,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

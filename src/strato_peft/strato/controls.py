@@ -49,16 +49,32 @@ def _deviation(
 def uniform(
     space: SearchSpace, modules: Sequence[str], target_params: int, origin: str
 ) -> tuple[dict[str, int], dict[str, Any]]:
-    """Uniform LoRA on ``modules`` in every layer at the params closest to ``target_params``."""
-    per_rank = trainable_params(space.arch, uniform_allocation(space.arch, 1, modules))
-    rank = max(1, round(target_params / per_rank))
+    """LoRA on ``modules`` in every layer with ``target_params`` params: rank ``r`` with
+    ``r + 1`` on enough modules (from the top layer down) that the params come closest,
+    since one integer rank on q,v can miss the target by more than 5%."""
+    base = uniform_allocation(space.arch, 1, modules)
+    rank = max(1, int(target_params // trainable_params(space.arch, base)))
+    allocation = {name: rank for name in base}
+    units = {name: trainable_params(space.arch, {name: 1}) for name in base}
+    order = sorted(base, key=lambda n: (-costs_layer(n), n))
+    params = trainable_params(space.arch, allocation)
+    for name in order:
+        if abs(params + units[name] - target_params) >= abs(params - target_params):
+            break
+        allocation[name] += 1
+        params += units[name]
     summary = {
-        "kind": "uniform",
-        "target_params": target_params,
-        "rank": rank,
-        "target_from": origin,
-    }
-    return uniform_allocation(space.arch, rank, modules), summary
+        "kind": "uniform", "target_params": target_params, "rank": rank,
+        "modules_at_rank_plus_one": sum(1 for r in allocation.values() if r > rank),
+        "target_from": origin, "deviation": {"params": params / target_params - 1.0},
+    }  # fmt: skip
+    return allocation, summary
+
+
+def costs_layer(name: str) -> int:
+    from strato_peft.costs import parse_module_name
+
+    return parse_module_name(name)[0]
 
 
 def band(

@@ -117,6 +117,8 @@ class RealEvaluator:
         model = self.builder.build(
             copy.deepcopy(self.base), self.builder.for_allocation(allocation)
         )
+        if getattr(self.base, "hf_device_map", None):  # placed by device_map: leave it there
+            return model
         return model.to(self.device)
 
     def runner(self, model: Any, optimizer: Any = None, scheduler: Any = None) -> StepRunner:

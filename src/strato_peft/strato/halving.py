@@ -138,7 +138,11 @@ class StructuredSearch:
         allocation = self.space.to_dict(ranks)
         key = self._key(allocation, steps)
         found = self.archive.get(key)
-        if found is not None:
+        if found is not None:  # done before this search was killed: its cost still counts
+            self.steps_trained += int(found.extra.get("steps", steps)) - int(
+                found.extra.get("resumed_from") or 0
+            )
+            self.eval_seconds += found.wall_time_s
             return found.eval_loss
         state = None
         if previous is not None:

@@ -26,7 +26,7 @@ from strato_peft.config.schema import ExperimentConfig
 from strato_peft.encoding import encode_examples
 from strato_peft.methods.base import StepContext
 from strato_peft.methods.resize import module_ranks
-from strato_peft.recipe import StepRunner, TrainingRecipe, iterate_windows
+from strato_peft.recipe import LocalAccelerator, StepRunner, TrainingRecipe, iterate_windows
 from strato_peft.training.checkpoint import (
     TrainingState,
     latest_checkpoint,
@@ -106,14 +106,29 @@ class Trainer:
         self.trackers = Trackers(config, folder, enabled=accelerator.is_main_process)
         self.profiler = EpochProfiler(profile_dir if accelerator.is_main_process else None)
         self.train_seconds = 0.0
+        self.adopted_tokens = 0
         self.measured_flops: dict[str, Any] = {}
 
     # -- checkpoints ----------------------------------------------------------------------
     def resume(self) -> bool:
-        """Continue from the newest checkpoint in the run folder, if there is one."""
+        """Continue from the newest checkpoint in the run folder, if there is one; else
+        from the state the method offers (STRATO's search winner), written as one."""
         path = latest_checkpoint(self.folder)
         if path is None:
-            return False
+            initial = self.method.initial_state_path()
+            if initial is None:
+                return False
+            if self.accelerator.is_main_process:
+                from strato_peft.training.handoff import write_handoff_checkpoint
+
+                model = self.accelerator.unwrap_model(self.model)
+                write_handoff_checkpoint(
+                    self.folder, model, initial, self.recipe, self.plan.total_steps
+                )
+            self.accelerator.wait_for_everyone()
+            path = latest_checkpoint(self.folder)
+            assert path is not None
+            self.adopted_tokens = -1  # set below from the adopted state
         model = self.accelerator.unwrap_model(self.model)
         ranks = module_ranks(model)
         self.state, method_state = load_checkpoint(
@@ -126,6 +141,8 @@ class Trainer:
         if module_ranks(model) != ranks:
             self._rewrap_model()
         self.method.load_state_dict(method_state)
+        if self.adopted_tokens == -1:  # tokens trained by the search, not by this process
+            self.adopted_tokens = self.state.tokens
         log.info(
             "resumed from %s (step %d of %d)", path.name, self.state.step, self.plan.total_steps
         )
@@ -253,14 +270,15 @@ class Trainer:
         """Answer-token loss of ``examples`` (e.g. the search-validation split; main process)."""
         items = encode_examples(self.task, examples, self.tokenizer, self.config.task.max_length)
         model = self.accelerator.unwrap_model(self.model)
-        runner = StepRunner(model, None, None, self.recipe, self.accelerator)
+        # one process: no collective (the others do not take part)
+        runner = StepRunner(model, None, None, self.recipe, LocalAccelerator.like(self.accelerator))
         return runner.held_out_loss(self.recipe.eval_loader(items, self.tokenizer.pad_token_id))
 
     def report_stats(self) -> dict[str, Any]:
         """The report split's loss and teacher-forced answer-token accuracy (points), each
         with a standard error and a bootstrap 95% interval over examples (main process)."""
         model = self.accelerator.unwrap_model(self.model)
-        runner = StepRunner(model, None, None, self.recipe, self.accelerator)
+        runner = StepRunner(model, None, None, self.recipe, LocalAccelerator.like(self.accelerator))
         loader = self.recipe.eval_loader(self.held_out, self.tokenizer.pad_token_id)
         return runner.held_out_stats(loader).summary()
 

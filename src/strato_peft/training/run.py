@@ -286,8 +286,10 @@ def save(
         "total_params": sum(p.numel() for p in parts.model.parameters()) - trainable,
         "wall_time_s": time.perf_counter() - session.started,
         "train_time_s": seconds,
-        "tokens_trained": trainer.state.tokens,
-        "tokens_per_s": trainer.state.tokens / seconds if seconds else None,
+        "tokens_trained": trainer.state.tokens - trainer.adopted_tokens,
+        "tokens_per_s": (trainer.state.tokens - trainer.adopted_tokens) / seconds
+        if seconds
+        else None,
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": (
             "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"

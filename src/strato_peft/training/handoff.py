@@ -2,8 +2,10 @@
 
 A structured search trains each candidate on the run's own schedule (over the run's
 total steps), so the winner after ``k`` steps is exactly where its final training would
-be after ``k`` steps. Writing its adapter, optimizer, scheduler, data position and RNG
-as ``checkpoints/step_<k>`` lets the training loop resume it like any interrupted run.
+be after ``k`` steps. When a run has no checkpoint yet and its method offers such a
+state (:meth:`Method.initial_state_path`), the trainer writes the winner's adapter,
+optimizer, scheduler, data position and RNG as ``checkpoints/step_<k>`` and resumes it
+like any interrupted run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from strato_peft.recipe import TrainingRecipe
 from strato_peft.strato.evaluator import CandidateState
+from strato_peft.training.checkpoint import TrainingState, save_checkpoint
 
 
 def write_handoff_checkpoint(
@@ -22,8 +25,6 @@ def write_handoff_checkpoint(
 ) -> int:
     """Load the winner's state into ``model`` and save it as the run's checkpoint; the
     step it resumes from. The peft model's trainable tensors must match the state's."""
-    from strato_peft.training.checkpoint import TrainingState, save_checkpoint
-
     state = CandidateState.load(state_path)
     params = dict(model.named_parameters())
     missing = [n for n in state.adapter if n not in params]
