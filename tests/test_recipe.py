@@ -106,3 +106,22 @@ def test_the_fingerprint_covers_every_recipe_and_builder_field() -> None:
             changed = dataclasses.replace(obj, **{field.name: other})  # type: ignore[arg-type]
             pair = (changed, builder) if obj is recipe else (recipe, changed)
             assert protocol_fingerprint(config, *pair, 10, 4) != reference, field.name  # type: ignore[arg-type]
+
+
+def test_the_alpha_policy_applies_to_every_rank_of_every_arm() -> None:
+    def builder(policy: str) -> LoraBuilder:
+        return LoraBuilder(32.0, 0.0, False, "none", alpha_policy=policy, reference_rank=16)
+
+    allocation = {"m.layers.0.q_proj": 8, "m.layers.0.v_proj": 4, "m.layers.1.q_proj": 8}
+    fixed = builder("fixed").for_allocation(allocation)
+    assert (fixed.r, fixed.lora_alpha, fixed.alpha_pattern) == (8, 32.0, {})
+    proportional = builder("proportional").for_allocation(allocation)
+    # the reference's alpha / r = 2 for every module: alpha 16 at r8, 8 at r4
+    assert (proportional.lora_alpha, proportional.alpha_pattern) == (
+        16.0,
+        {"m.layers.0.v_proj": 8.0},
+    )
+    uniform = builder("proportional").config(r=16, target_modules=["q_proj", "v_proj"])
+    assert uniform.lora_alpha == 32.0  # the reference itself is unchanged
+    assert builder("rslora").config(r=4, target_modules=["q_proj"]).use_rslora
+    assert not fixed.use_rslora

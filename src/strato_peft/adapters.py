@@ -85,18 +85,30 @@ class LoraBuilder:
         rank_pattern: Mapping[str, int] | None = None,
         alpha_pattern: Mapping[str, float] | None = None,
     ) -> LoraConfig:
-        """A ``LoraConfig`` on ``target_modules`` (suffixes or exact names)."""
+        """A ``LoraConfig`` on ``target_modules`` (suffixes or exact names), with the alpha
+        policy applied to every rank in it (an explicit ``alpha_pattern`` wins)."""
         from peft import LoraConfig
 
-        return LoraConfig(
+        ranks = dict(rank_pattern or {})
+        alphas = dict(alpha_pattern or {})
+        alpha = self.alpha
+        if self.alpha_policy == "proportional":
+            scale = self.alpha / self.reference_rank
+            alpha = scale * r
+            alphas = {**{k: scale * v for k, v in ranks.items()}, **alphas}
+        config = LoraConfig(
             r=r,
             target_modules=list(target_modules),
             layers_to_transform=list(layers_to_transform) if layers_to_transform else None,
-            rank_pattern=dict(rank_pattern or {}),
-            alpha_pattern=dict(alpha_pattern or {}),
+            rank_pattern=ranks,
+            alpha_pattern=alphas,
             use_dora=self.use_dora,
             **self.shared_kwargs(),
         )
+        config.lora_alpha = alpha  # type: ignore[assignment]  # peft takes floats
+        if self.alpha_policy == "rslora":
+            config.use_rslora = True
+        return config
 
     def for_allocation(self, allocation: Mapping[str, int]) -> LoraConfig:
         """A plain ``LoraConfig`` for ``allocation``: exact module names, the most common
@@ -106,18 +118,11 @@ class LoraBuilder:
             raise ValueError("the allocation adapts no module")
         ranks = [chosen[n] for n in sorted(chosen)]
         default = max(sorted(set(ranks)), key=ranks.count)
-        config = self.config(
+        return self.config(
             r=default,
             target_modules=sorted(chosen),
             rank_pattern={n: r for n, r in chosen.items() if r != default},
         )
-        if self.alpha_policy == "proportional":
-            scale = self.alpha / self.reference_rank
-            config.lora_alpha = scale * default  # type: ignore[assignment]  # peft takes floats
-            config.alpha_pattern = {n: scale * r for n, r in chosen.items() if r != default}
-        elif self.alpha_policy == "rslora":
-            config.use_rslora = True
-        return config
 
     def build(self, base: nn.Module, config: PeftConfig) -> PeftModel:
         """Wrap ``base`` with ``config``; the initialisation is seeded by :attr:`init_seed`."""

@@ -3,7 +3,7 @@
 One concern per module:
 
 * :mod:`.runs` -- read run folders (complete ones become :class:`~.runs.Run`, others a reason);
-* :mod:`.stats` -- means, paired t-test, bootstrap interval of a difference;
+* :mod:`.stats` -- means, paired t-test, the interval of a difference;
 * :mod:`.compare` -- groups, LoRA baselines and the spec's PASS / FAIL / INCONCLUSIVE / NOT ENOUGH DATA;
 * :mod:`.plots` -- matplotlib figures (score vs params/FLOPs, curves, rank heatmaps);
 * :mod:`.report` -- one self-contained HTML report and a Markdown twin;

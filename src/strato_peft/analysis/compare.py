@@ -7,7 +7,8 @@ highest-rank LoRA group). The spec's success criteria:
 
 * efficiency: trainable params <= 0.7 x LoRA's, or train FLOPs per step <= 0.8 x LoRA's;
 * accuracy guardrail: the 95% interval of the paired score difference lies above
-  -0.5 points (INCONCLUSIVE when it straddles -0.5 or every run scores 0);
+  -0.5 points and is no wider than 0.5 (INCONCLUSIVE when it straddles -0.5, is wider
+  than the margin, or every run scores 0);
 * stability: standard deviation of the score across seeds <= 0.4 points.
 
 A group passes when all three hold, fails when one does not, is INCONCLUSIVE when the
@@ -232,16 +233,17 @@ def judge(group: Group, baseline: Group | None, criteria: Criteria) -> Compariso
 
 def guardrail(group: Group, baseline: Group, diff: Difference, margin: float) -> bool | None:
     """The accuracy guardrail with power: ``True`` only when the 95% interval of the
-    paired difference lies above ``-margin``, ``False`` when it lies below, ``None``
-    (inconclusive) when it straddles ``-margin``, when it cannot be computed, or when
-    every run of both groups scores 0 (a score that cannot tell the arms apart)."""
+    paired difference lies above ``-margin`` and is no wider than ``margin`` (an interval
+    wider than the margin is not a measurement that can decide it); ``False`` when it lies
+    below ``-margin``; ``None`` (inconclusive) otherwise, when it cannot be computed, or
+    when every run of both groups scores 0 (a score that cannot tell the arms apart)."""
     scores = [*group.scores.values(), *baseline.scores.values()]
     if all(s == 0 for s in scores) or diff.ci_low is None or diff.ci_high is None:
         return None
-    if diff.ci_low > -margin:
-        return True
     if diff.ci_high < -margin:
         return False
+    if diff.ci_low > -margin and diff.ci_high - diff.ci_low <= margin:
+        return True
     return None
 
 

@@ -42,8 +42,8 @@ pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.8em; }
 CRITERIA_TEXT = (
     "PASS needs all three of the product spec's criteria against LoRA of the same task: "
     "params <= 0.7 x LoRA or train FLOPs <= 0.8 x LoRA; the 95% interval of the paired score "
-    "difference above -0.5 points; std over seeds <= 0.4 points. INCONCLUSIVE: the interval "
-    "straddles -0.5 or every run scores 0. NOT ENOUGH DATA: fewer than 2 seeds or no LoRA "
+    "difference above -0.5 points and no wider than 0.5; std over seeds <= 0.4 points. "
+    "INCONCLUSIVE: the interval straddles -0.5, is wider than 0.5, or every run scores 0. NOT ENOUGH DATA: fewer than 2 seeds or no LoRA "
     "baseline."
 )
 

@@ -3,9 +3,11 @@
 A method and its LoRA baseline are compared on the seeds both ran (the spec fixes
 seeds {42, 43, 44}), so the test is paired (``scipy.stats.ttest_rel``): seed-to-seed
 variation shared by both methods (data order, initialisation) cancels. Without at
-least two shared seeds it falls back to Welch's unpaired test. The bootstrap
-interval resamples the seed pairs (or each group) ``n_resamples`` times with a fixed
-generator, so it is reproducible; with three seeds it is coarse, and says so.
+least two shared seeds it falls back to Welch's unpaired test. The interval of a
+paired difference is Student's t interval of the mean difference (a bootstrap of three
+differences would collapse to their range); an unpaired one is a bootstrap of the
+groups, ``n_resamples`` times with a fixed generator. With three seeds intervals are
+wide, and verdicts say INCONCLUSIVE rather than claim more.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class GroupStats:
 
 @dataclass(frozen=True)
 class Difference:
-    """``method - baseline`` in points, with a test and a bootstrap interval."""
+    """``method - baseline`` in points, with a test and a 95% interval."""
 
     mean: float
     test: str

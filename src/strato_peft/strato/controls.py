@@ -1,7 +1,8 @@
 """Controls for every STRATO claim, matched on cost (``peft.strato.control``).
 
-* ``uniform``: LoRA on the reference's module types in every layer, at the rank whose
-  params are closest to the target (the found allocation's, or the params budget's);
+* ``uniform``: LoRA on the reference's module types in every layer at the target's
+  params (the found allocation's, or the params budget's): rank ``r`` and, from the top
+  layer down, ``r + 1`` on as many modules as bring the params closest;
 * ``band``: the hand rule, the strongest simple rule we know: every allowed module type
   from the found allocation's lowest layer up, at one rank (per-type ranks ``r`` or
   ``r + 1`` where one rank cannot match) chosen so that its params match the found

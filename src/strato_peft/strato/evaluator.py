@@ -64,6 +64,8 @@ class CandidateState:
     rng: torch.Tensor
     train_losses: list[float]
     tokens: int
+    cuda_rng: torch.Tensor | None = None
+    """The CUDA generator of the device (dropout on a GPU), when the device is one."""
 
     def save(self, path: Path) -> None:
         """Tensors and plain values only (``torch.load(weights_only=True)`` reads it back)."""
@@ -172,6 +174,8 @@ class RealEvaluator:
                 scheduler.load_state_dict(state.scheduler)
                 position = DataPosition(state.epoch, state.batches_in_epoch)
                 torch.set_rng_state(state.rng)
+                if state.cuda_rng is not None and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(state.cuda_rng, self.device)
                 losses, tokens, done = list(state.train_losses), state.tokens, state.steps
             runner = self.runner(model, optimizer, scheduler)
             model.train()
@@ -192,6 +196,9 @@ class RealEvaluator:
                 rng=torch.get_rng_state(),
                 train_losses=losses,
                 tokens=tokens,
+                cuda_rng=torch.cuda.get_rng_state(self.device)
+                if self.device.type == "cuda"
+                else None,
             )
             eval_loss = runner.held_out_loss(self.eval_loader)
         del model, optimizer, runner

@@ -47,8 +47,13 @@ def write_handoff_checkpoint(
         tokens=state.tokens,
         history=history,
     )
-    with torch.random.fork_rng(devices=[]):
+    cuda_rng = state.cuda_rng if torch.cuda.is_available() else None
+    with torch.random.fork_rng(
+        devices=[torch.cuda.current_device()] if cuda_rng is not None else []
+    ):
         torch.set_rng_state(state.rng)  # the checkpoint records the winner's RNG
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng)
         save_checkpoint(
             folder, model=model, optimizer=optimizer, scheduler=scheduler, state=training,
             method_state={},
