@@ -158,7 +158,7 @@ def table(report: dict[str, Any]) -> str:
             f"| {arm} | {ratio(runs, arm, 'params')} | {ratio(runs, arm, 'flops_per_step')} | "
             f"{ratio(runs, arm, 'step_s')} | {ratio(runs, arm, 'peak_memory_bytes')} | {cost} | "
             f"{f'{statistics.mean(wall):.2f}x' if wall else '—'} | "
-            f"{', '.join(f'{k} steps: {v}' for k, v in per_rung.items()) if per_rung else '—'} | "
+            f"{', '.join(f'{v} x {k} steps' for k, v in sorted(per_rung.items(), key=lambda kv: int(kv[0]))) if per_rung else '—'} | "
             f"{allocation_summary(first)} |"
         )
     proxies = [r for r in runs if r.get("proxy_spearman")]

@@ -38,7 +38,9 @@ FAIL = "FAIL"
 INCONCLUSIVE = "INCONCLUSIVE"
 NOT_ENOUGH_DATA = "NOT ENOUGH DATA"
 BASELINE = "BASELINE"
-BASELINE_METHOD = "lora"
+DEFAULT_BASELINE = "lora"
+"""The product spec compares every method with uniform LoRA: the run label's method of
+the baseline groups (``Criteria.baseline`` changes it; nothing branches on a name)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class Criteria:
     guardrail_points: float = 0.5
     max_std_points: float = 0.4
     min_seeds: int = 2
+    baseline: str = DEFAULT_BASELINE
+    """The method (run label) every group is compared with."""
 
 
 @dataclass
@@ -137,24 +141,26 @@ class Comparison:
         }
 
 
-def group_runs(runs: list[Run]) -> list[Group]:
-    """Groups sorted by model, task, LoRA first, then method and rank."""
+def group_runs(runs: list[Run], baseline: str = DEFAULT_BASELINE) -> list[Group]:
+    """Groups sorted by model, task, the baseline first, then method and rank."""
     buckets: dict[tuple[str, str, str, str], list[Run]] = defaultdict(list)
     for run in runs:
         buckets[run.group_key].append(run)
     groups = [Group(*key, runs=sorted(rs, key=lambda r: r.seed)) for key, rs in buckets.items()]
     return sorted(
         groups,
-        key=lambda g: (g.model, g.task, g.method != BASELINE_METHOD, g.method, g.rank, g.budget),
+        key=lambda g: (g.model, g.task, g.method != baseline, g.method, g.rank, g.budget),
     )
 
 
-def find_baseline(group: Group, groups: list[Group]) -> Group | None:
-    """The LoRA group of the same model and task: same rank if any, else the highest rank."""
+def find_baseline(
+    group: Group, groups: list[Group], baseline: str = DEFAULT_BASELINE
+) -> Group | None:
+    """The baseline group of the same model and task: same rank if any, else the highest."""
     candidates = [
         g
         for g in groups
-        if g.method == BASELINE_METHOD and g.model == group.model and g.task == group.task
+        if g.method == baseline and g.model == group.model and g.task == group.task
     ]
     if not candidates:
         return None
@@ -171,7 +177,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def judge(group: Group, baseline: Group | None, criteria: Criteria) -> Comparison:
     """The verdict of ``group`` against ``baseline`` under the spec's ``criteria``."""
     stats = group.stats
-    if group.method == BASELINE_METHOD:
+    if group.method == criteria.baseline:
         stable = None if stats.std is None else stats.std <= criteria.max_std_points
         reasons = [f"the LoRA baseline ({stats.n} seed(s))"]
         if stable is False:
@@ -260,8 +266,8 @@ def _interval(diff: Difference) -> str:
 def compare_runs(runs: list[Run], criteria: Criteria | None = None) -> list[Comparison]:
     """Group ``runs`` and judge every group against its LoRA baseline."""
     criteria = criteria or Criteria()
-    groups = group_runs(runs)
-    return [judge(g, find_baseline(g, groups), criteria) for g in groups]
+    groups = group_runs(runs, criteria.baseline)
+    return [judge(g, find_baseline(g, groups, criteria.baseline), criteria) for g in groups]
 
 
 def fmt(value: float | None, spec: str = ".2f") -> str:
