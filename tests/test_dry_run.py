@@ -43,9 +43,14 @@ def test_llama2_figures(path: Path, overrides: list[str], total: int, trainable:
 
 def test_strato_reports_its_reference_and_budget() -> None:
     report = dry_run_report(load_config(CONFIGS / "llama2_7b_mmlu_strato.yaml"))
-    assert report["method"] == "strato" and report["budget"] == {"params": 0.7, "flops": None}
+    assert report["method"] == "strato" and report["budget"] == {"params": 0.5, "flops": 0.8}
     assert report["trainable_params"] == 8_388_608  # reference LoRA r16 on q,v
-    assert report["run_dir"].endswith("strato_rank16_lambda0.5_seed42")
+    assert report["run_dir"].endswith("strato_rank16_lambda0.1_seed42")
+    plan = report["search_plan"]  # configs/peft/strato_structured.yaml: 8 + 4 candidates
+    assert plan["mode"] == "structured" and plan["evaluations_per_rung"] == [12, 6, 3]
+    # the anchor and 12 candidates x 25 steps, 6 x (50 - 25), 3 x (100 - 50)
+    assert plan["step_equivalents"] == 13 * 25 + 6 * 25 + 3 * 50
+    assert plan["flops_upper_bound"] == plan["step_equivalents"] * report["train_flops_per_step"]
 
 
 TINY = CONFIGS / "experiments" / "tiny_lora.yaml"
