@@ -176,7 +176,7 @@ class StratoMethod(Method):
         if accelerator.is_main_process:
             outcome = self._search(model, space)
             self._summary["search"] = _search_summary(outcome.summary)
-            self._winner_state = getattr(outcome, "winner_state", None)
+            self._winner_state = outcome.winner_state
         accelerator.wait_for_everyone()
         allocation = read_json_or(folder / ALLOCATION_FILE, {})
         if not allocation:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from strato_peft.results import ARCHIVE_FILE
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
     protocol TEXT NOT NULL,
@@ -157,3 +159,10 @@ class Archive:
             if cell not in best or score(e) > score(best[cell]):
                 best[cell] = e
         return best
+
+
+def open_archive(search: Any, folder: Path, protocol: str) -> Archive:
+    """The search's archive: ``search.archive_path`` when set (shared between runs), else
+    ``archive.sqlite`` in the run folder."""
+    path = Path(search.archive_path) if search.archive_path else folder / ARCHIVE_FILE
+    return Archive(path, protocol)

@@ -39,12 +39,11 @@ import numpy as np
 
 from strato_peft.results import (
     ALLOCATION_FILE,
-    ARCHIVE_FILE,
     SEARCH_FILE,
     SEARCH_STATES_DIR,
     atomic_write_json,
 )
-from strato_peft.strato.archive import Archive, Evaluation
+from strato_peft.strato.archive import Evaluation, open_archive
 from strato_peft.strato.evaluator import CandidateState, RealEvaluator, probe_sensitivity
 from strato_peft.strato.search import SearchOutcome, _one_thread
 from strato_peft.strato.space import allocation_hash
@@ -109,8 +108,7 @@ class StructuredSearch:
         self.rungs = sorted({min(r, self.training_steps) for r in self.search.rungs})
         self.lam = float(settings.lambda_)
         self.rng = random.Random(f"structured-{seed}")
-        path = Path(self.search.archive_path) if self.search.archive_path else folder / ARCHIVE_FILE
-        self.archive = Archive(path, protocol)
+        self.archive = open_archive(self.search, folder, protocol)
         self.states = folder / SEARCH_STATES_DIR
         self.base_loss = 0.0
         self.reference_loss = 0.0
@@ -336,6 +334,4 @@ class StructuredSearch:
         atomic_write_json(self.folder / SEARCH_FILE, summary)
         atomic_write_json(self.folder / ALLOCATION_FILE, allocation)
         self.archive.close()
-        outcome = SearchOutcome(allocation, summary)
-        outcome.winner_state = self._state_path(self._key(allocation, last))  # type: ignore[attr-defined]
-        return outcome
+        return SearchOutcome(allocation, summary, self._state_path(self._key(allocation, last)))

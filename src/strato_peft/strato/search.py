@@ -31,14 +31,13 @@ import numpy as np
 
 from strato_peft.results import (
     ALLOCATION_FILE,
-    ARCHIVE_FILE,
     PARETO_FILE,
     PARETO_PLOT,
     SEARCH_FILE,
     atomic_write_bytes,
     atomic_write_json,
 )
-from strato_peft.strato.archive import Archive, Evaluation
+from strato_peft.strato.archive import Evaluation, open_archive
 from strato_peft.strato.env import AllocationEnv
 from strato_peft.strato.evaluator import RealEvaluator, probe_sensitivity
 from strato_peft.strato.space import SearchSpace, allocation_hash
@@ -54,6 +53,8 @@ MAX_POLICY_PARAMS = 500_000
 class SearchOutcome:
     allocation: dict[str, int]
     summary: dict[str, Any]
+    winner_state: Path | None = None
+    """The winner's stored training state (structured search), continued by the run."""
 
 
 POLICY_ENVS = 8
@@ -170,8 +171,7 @@ class Search:
         self.splits = splits or {}
         self.lam = float(settings.lambda_)
         self.rng = random.Random(seed)
-        path = Path(self.search.archive_path) if self.search.archive_path else folder / ARCHIVE_FILE
-        self.archive = Archive(path, protocol)
+        self.archive = open_archive(self.search, folder, protocol)
         self.cache_hits: list[dict[str, Any]] = []
         self.log: list[dict[str, Any]] = []
         self.probe_batches = probe_batches or self.search.probe_batches
