@@ -97,7 +97,14 @@ def run_one(out: Path, lr: float, arm: str, seed: int, log: Path) -> float:
 
 
 def row(out: Path, lr: float, arm: str, seed: int) -> dict[str, Any] | None:
-    target = folder(out, lr, arm, seed)
+    return row_at(out, folder(out, lr, arm, seed), arm, seed, folder(out, lr, "lora", seed))
+
+
+def row_at(
+    out: Path, target: Path, arm: str, seed: int, lora_folder: Path
+) -> dict[str, Any] | None:
+    """The row of one complete run folder (None while it is not complete); costs of the
+    search are ratios to ``lora_folder``'s training."""
     if read_status(target).get("status") != COMPLETE:
         return None
     metrics = read_json_or(target / METRICS_FILE, {})
@@ -122,7 +129,7 @@ def row(out: Path, lr: float, arm: str, seed: int) -> dict[str, Any] | None:
     }
     search = read_json_or(target / SEARCH_FILE, {})
     if search.get("mode") == "structured":
-        lora = read_json_or(folder(out, lr, "lora", seed) / COSTS_FILE, {})
+        lora = read_json_or(lora_folder / COSTS_FILE, {})
         cost = search["cost"]
         entry["search_cost_ratio"] = cost["step_equivalents_ratio"]
         entry["search_net_cost_ratio"] = cost["net_step_equivalents_ratio"]

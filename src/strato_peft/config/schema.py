@@ -162,6 +162,14 @@ class StratoSearch(Section):
         "surrogate is refitted to the real evaluations between batches).",
     )
     probe_seeds: int = Field(default=2, gt=0, description="Sensitivity probes (seeds) averaged.")
+    surrogate_gain: Literal["per_parameter", "mass"] = Field(
+        default="per_parameter",
+        description="What the surrogate weighs a slot's log-rank by: per_parameter = the "
+        "probe's sensitivity per parameter (v2 as first measured; with the budget pricing "
+        "every parameter again, small modules are counted twice); mass = that times the "
+        "slot's parameters per rank, so the gain per parameter the budget trades off is the "
+        "per-parameter sensitivity (docs/strato.md).",
+    )
 
 
 class StratoSettings(Section):
@@ -189,18 +197,20 @@ class StratoSettings(Section):
     reference: StratoReference = Field(default_factory=StratoReference)
     budget: StratoBudget = Field(default_factory=StratoBudget)
     search: StratoSearch = Field(default_factory=StratoSearch)
-    control: Literal["none", "uniform", "band", "random", "random-search"] = Field(
+    control: Literal["none", "uniform", "band", "random", "random-search", "replay"] = Field(
         default="none",
         description="none: the search; uniform: LoRA on the reference's modules, all layers, "
         "at the same params (see control_from); band: every module type from the found "
         "lowest layer up at the uniform rank of the same params; random: a random allocation "
         "of the space (within 5% of control_from's params and FLOPs when given); "
-        "random-search: the whole search with random proposals (the controller's ablation).",
+        "random-search: the whole search with random proposals (the controller's ablation); "
+        "replay: control_from's allocation itself, trained from scratch with this run's "
+        "recipe (learning-rate grids, alpha-policy rows, calibration of the proxy).",
     )
     control_from: str | None = Field(
         default=None,
-        description="A STRATO run folder whose allocation.json sets the params of `uniform` "
-        "(default: the params budget).",
+        description="A STRATO run folder whose allocation.json the controls match (uniform: "
+        "its params, default: the params budget); for replay also an allocation JSON file.",
     )
 
     @field_validator("rank_menu")

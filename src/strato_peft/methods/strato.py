@@ -10,7 +10,8 @@ the final training). The search picks its result on the task's search-validation
 (``task.search_examples``, held out of the training data); the report split is never
 read by it. The controls (``peft.strato.control``, :mod:`strato_peft.strato.controls`)
 skip the search: ``uniform``, ``band`` and ``random``, matched on ``control_from``'s
-found allocation; ``random-search`` runs the structured search with random proposals.
+found allocation, and ``replay``, that allocation itself trained from scratch;
+``random-search`` runs the structured search with random proposals.
 
 A finished search is not repeated: a run that resumes (or a second run in the same
 folder) reads ``allocation.json``; an interrupted search resumes from its archive.
@@ -132,6 +133,10 @@ class StratoMethod(Method):
         space = space or self.space(model)
         ctx = self.context
         seed = ctx.config.seed if ctx else 0
+        if s.control == "replay":
+            allocation = self._replayed(space)
+            self._summary["control"] = {"kind": "replay", "from": s.control_from}
+            return allocation
         if s.control in ("uniform", "band", "random"):
             found = self._control_target()
             if s.control == "uniform":
@@ -201,6 +206,37 @@ class StratoMethod(Method):
                 "(give the folder of a finished STRATO run)"
             )
         return {str(k): int(v) for k, v in found.items()}
+
+    def _replayed(self, space: SearchSpace) -> dict[str, int]:
+        """``control_from``'s allocation (a run folder's allocation.json or a JSON file),
+        checked against this model's slots."""
+        s = self.settings.strato
+        if not s.control_from:
+            raise MethodError(
+                "peft.strato.control=replay needs control_from (a STRATO run folder or an "
+                "allocation JSON file)"
+            )
+        source = Path(s.control_from)
+        path = source if source.is_file() else source / ALLOCATION_FILE
+        found = read_json_or(path, {})
+        if not isinstance(found, dict) or not found:
+            raise MethodError(
+                f"peft.strato.control_from: no allocation in {path} (a JSON object of module "
+                "name -> rank, as a STRATO run's allocation.json)"
+            )
+        names = {slot.name for slot in space.slots}
+        unknown = sorted(set(found) - names)
+        if unknown:
+            raise MethodError(
+                f"peft.strato.control_from: {path} names modules this model has not, "
+                f"e.g. {unknown[:3]}"
+            )
+        bad = {k: v for k, v in found.items() if not isinstance(v, int) or v < 0}
+        if bad:
+            raise MethodError(
+                f"peft.strato.control_from: {path}: ranks must be integers >= 0, got {bad}"
+            )
+        return {str(k): int(v) for k, v in found.items() if v}
 
     def _search(self, model: PreTrainedModel, space: SearchSpace) -> Any:
         from strato_peft.encoding import encode_examples

@@ -221,7 +221,9 @@ class StructuredSearch:
         reference_ranks = self.space.to_ranks(self.space.reference)
         self.base_loss = self.evaluator.base_loss()
         self.reference_loss = self.evaluate(reference_ranks, rungs[0], "anchor")
-        surrogate = Surrogate(self.space.slots, sensitivity, reference_ranks)
+        surrogate = Surrogate(
+            self.space.slots, sensitivity, reference_ranks, gain=self.search.surrogate_gain
+        )
         self.policy_parameters = 0
         seen = {allocation_hash(self.space.reference)}
         candidates: list[Candidate] = []
@@ -316,6 +318,7 @@ class StructuredSearch:
             "candidates": rows,
             "proxy_spearman": proxy,
             "surrogate_theta": surrogate.describe(),
+            "surrogate_gain": surrogate.gain,
             "surrogate_fit_spearman": fit,
             "sensitivity_probe_stability_spearman": stability,
             "sensitivity": {s.name: v for s, v in zip(self.space.slots, sensitivity, strict=True)},

@@ -238,8 +238,9 @@ class Search:
         reference = self._anchor(self.space.to_ranks(self.space.reference))
         self.reference_loss = reference.eval_loss
         surrogate = Surrogate(
-            self.space.slots, sensitivity, self.space.to_ranks(self.space.reference)
-        )
+            self.space.slots, sensitivity, self.space.to_ranks(self.space.reference),
+            gain=self.search.surrogate_gain,
+        )  # fmt: skip
         # PPO steps its own copies (its vector wrapper resets them); proposals use another
         train_envs = [AllocationEnv(self.space, surrogate, self.lam) for _ in range(POLICY_ENVS)]
         env = AllocationEnv(self.space, surrogate, self.lam)

@@ -7,7 +7,12 @@ good as the reference). The surrogate predicts it as::
     score(ranks) ~ sum over module types t of  theta_t * sum_{slots s of type t} sens_s * log2(1 + r_s)
 
 with ``sens_s`` the slot's measured sensitivity: diminishing returns in rank, more for
-sensitive slots, one coefficient per module type. The prior sets every ``theta_t`` so
+sensitive slots, one coefficient per module type. ``gain="per_parameter"`` uses the
+probe's per-parameter sensitivity as it is; ``gain="mass"`` multiplies it by the slot's
+parameters per rank (``d_in + d_out``). Under a params budget the second is the one
+whose marginal gain *per parameter* is the per-parameter sensitivity; the first divides
+by the size a second time, so it favours small modules (k_proj, v_proj under GQA) more
+than the probe says they deserve. The prior sets every ``theta_t`` so
 that the reference allocation scores exactly 1; the fit is ridge regression *towards
 that prior*, so with two or three real evaluations it stays close to the prior and with
 more it learns which module types pay off. Few parameters (one per module type) is the
@@ -36,10 +41,18 @@ class Surrogate:
         sensitivity: Sequence[float],
         reference_ranks: Sequence[int],
         ridge: float = 1.0,
+        gain: str = "per_parameter",
     ) -> None:
         self.types = sorted({s.module_type for s in slots})
         self.type_index = [self.types.index(s.module_type) for s in slots]
-        self.sensitivity = np.asarray(sensitivity, dtype=np.float64)
+        weights = np.asarray(sensitivity, dtype=np.float64)
+        if gain == "mass":  # the slot's whole first-order gain: per parameter x its size
+            weights = weights * np.asarray([s.d_in + s.d_out for s in slots], dtype=np.float64)
+            weights = weights / weights.mean()
+        elif gain != "per_parameter":
+            raise ValueError(f"unknown surrogate gain {gain!r} (per_parameter or mass)")
+        self.gain = gain
+        self.sensitivity = weights
         self.ridge = ridge
         ref = self.features(reference_ranks)
         total = float(ref.sum())
