@@ -557,3 +557,63 @@ def _fake_run(method: str, seed: int, score: float) -> Any:
     from types import SimpleNamespace
 
     return SimpleNamespace(method=method, seed=seed, score=score)
+
+
+def _goal_run(method: str, seed: int, loss: float, **extra: Any) -> Any:
+    from types import SimpleNamespace
+
+    fields = {
+        "model": "m", "task": "gsm8k", "method": method, "rank": 16, "budget": "rank16",
+        "seed": seed, "score": 70.0 - 10 * loss, "eval_loss": loss, "metric": "token_accuracy",
+        "trainable_params": 1000, "flops_per_step": 100.0, "search_cost": {},
+    }  # fmt: skip
+    fields.update(extra)
+    fields["group_key"] = (fields["model"], fields["task"], method, fields["budget"])
+    return SimpleNamespace(**fields)
+
+
+def test_the_goal_judges_cost_search_cost_and_loss_against_each_control() -> None:
+    from strato_peft.analysis.goal import MET, NOT_MET, Goal, judge_goal
+
+    seeds = (42, 43, 44)
+    lora = [_goal_run("lora", s, 1.25 + 0.01 * i) for i, s in enumerate(seeds)]
+    strato = [
+        _goal_run("strato", s, 1.20 + 0.01 * i + (0.001 if i == 1 else 0), trainable_params=450,
+                  flops_per_step=79.0, search_cost={"step_equivalents_ratio": 1.75})
+        for i, s in enumerate(seeds)
+    ]  # fmt: skip
+    # random: worse than STRATO on every seed by about 0.03 -> STRATO is better
+    rand = [_goal_run("strato-random", s, 1.23 + 0.01 * i) for i, s in enumerate(seeds)]
+    # random-search: better than STRATO on every seed -> "better than" is NOT MET
+    rsearch = [_goal_run("strato-random-search", s, 1.15 + 0.01 * i) for i, s in enumerate(seeds)]
+    # band: noisy around STRATO -> "at least as good" is MET (the interval includes 0)
+    band = [
+        _goal_run("strato-band", s, loss) for s, loss in zip(seeds, (1.19, 1.22, 1.21), strict=True)
+    ]
+    checks = {c.check: c for c in judge_goal([*lora, *strato, *rand, *rsearch, *band])}
+    assert checks["cost"].verdict == MET and "0.450x" in checks["cost"].detail
+    assert checks["search cost"].verdict == MET
+    assert checks["loss no worse than lora"].verdict == MET
+    assert checks["better than random"].verdict == MET
+    assert checks["better than random-search"].verdict == NOT_MET
+    assert checks["at least as good as band"].verdict == MET
+    assert checks["token_accuracy >= lora - 0.5 points"].verdict == MET
+    # stricter caps and a missing control
+    strict = Goal(params_ratio=0.4, search_cost_ratio=1.5, better_than=("uniform",))
+    checks = {c.check: c for c in judge_goal([*lora, *strato, *band], strict)}
+    assert checks["cost"].verdict == NOT_MET and checks["search cost"].verdict == NOT_MET
+    assert checks["better than uniform"].verdict == "NOT ENOUGH DATA"
+    # a STRATO worse than LoRA on every seed: the loss check fails
+    worse = [_goal_run("strato", s, 1.30 + 0.01 * i, trainable_params=450, flops_per_step=79.0)
+             for i, s in enumerate(seeds)]  # fmt: skip
+    checks = {c.check: c for c in judge_goal([*lora, *worse])}
+    assert checks["loss no worse than lora"].verdict == NOT_MET
+    assert checks["search cost"].verdict == "NOT ENOUGH DATA"  # no search.json cost
+
+
+def test_compare_goal_flags_are_checked(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from strato_peft.commands.analysis import compare
+
+    with pytest.raises(SystemExit) as exc:
+        compare(["--results-dir", str(tmp_path), "--goal", "strato", "--goal-params", "-1"])
+    assert exc.value.code == 2 and "must be > 0" in capsys.readouterr().err

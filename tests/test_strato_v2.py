@@ -262,3 +262,66 @@ def test_band_and_random_controls_match_the_found_allocation_within_five_percent
     assert summary["within_tolerance"], summary
     assert all(abs(v) <= controls.MATCH_TOLERANCE for v in summary["deviation"].values())
     assert drawn != found and controls.random_matched(structured, found, seed=42)[0] == drawn
+
+
+def test_replay_trains_exactly_the_given_allocation_and_refuses_a_foreign_one(
+    gsm8k_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    allocation = {"model.layers.0.self_attn.k_proj": 2, "model.layers.1.mlp.up_proj": 4}
+    given = tmp_path / "allocation_in.json"
+    given.write_text(json.dumps(allocation))
+    replay = [
+        "--override", "peft.strato.control=replay",
+        "--override", f"peft.strato.control_from={given}",
+        "--override", "training.max_steps=2", "--override", "task.final_eval=false",
+    ]  # fmt: skip
+    out = tmp_path / "runs"
+    assert main(tiny_args("strato", gsm8k_dir, out, *replay)) == 0
+    folder = only_run(out)
+    assert folder.name == "strato-replay_rank8_seed42"
+    assert json.loads((folder / "allocation.json").read_text()) == allocation
+    adapter = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    pattern = adapter["rank_pattern"]
+    assert {m: int(pattern.get(m, adapter["r"])) for m in adapter["target_modules"]} == allocation
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["method"]["control"] == {"kind": "replay", "from": str(given)}
+    assert not (folder / "search.json").exists()  # no search ran
+    # a run folder works as well as a file: the replay of the replay is the same allocation
+    again = tmp_path / "again"
+    from_folder = [*replay[:2], "--override", f"peft.strato.control_from={folder}", *replay[4:]]
+    assert main(tiny_args("strato", gsm8k_dir, again, *from_folder)) == 0
+    assert json.loads((only_run(again) / "allocation.json").read_text()) == allocation
+    # a module the model does not have: an error naming the file, no traceback
+    given.write_text(json.dumps({"model.layers.99.self_attn.q_proj": 4}))
+    capsys.readouterr()
+    assert main(tiny_args("strato", gsm8k_dir, tmp_path / "bad", *replay)) != 0
+    err = capsys.readouterr().err
+    assert str(given) in err and "model.layers.99.self_attn.q_proj" in err
+
+
+def test_the_mass_gain_prices_every_slot_at_its_per_parameter_sensitivity() -> None:
+    from strato_peft.strato.surrogate import Surrogate
+
+    space = smollm_space({"params": 0.5, "flops": 0.8}).space
+    slots = space.slots
+    flat = [1.0] * len(slots)  # the same sensitivity per parameter everywhere
+    reference = space.to_ranks(space.reference)
+
+    def per_param_gain(surrogate: Surrogate) -> dict[str, float]:
+        return {
+            s.module_type: surrogate.slot_gain(i, 1) / (s.d_in + s.d_out)
+            for i, s in enumerate(slots)
+            if s.layer == 20
+        }
+
+    mass = per_param_gain(Surrogate(slots, flat, reference, gain="mass"))
+    assert max(mass.values()) == pytest.approx(min(mass.values()))
+    per_parameter = per_param_gain(Surrogate(slots, flat, reference))
+    # the per-parameter gain divides by the size a second time: k_proj (576 + 192) beats
+    # up_proj (576 + 1536) by their size ratio although the probe says they are equal
+    ratio = per_parameter["k_proj"] / per_parameter["up_proj"]
+    assert ratio == pytest.approx((576 + 1536) / (576 + 192))
+    with pytest.raises(ValueError, match="unknown surrogate gain"):
+        Surrogate(slots, flat, reference, gain="size")

@@ -16,8 +16,9 @@ the search-validation split, never the report split), then for every seed, in or
 
 A complete run folder is not repeated, so the script resumes where it stopped. After
 every run ``benchmarks/strato_cpu/results_v2.json`` is rewritten (the protocol, one row
-per run and the verdicts of ``strato-peft compare`` on the report split's answer-token
-accuracy); ``table_v2.py`` turns it into the README's table.
+per run, the verdicts of ``strato-peft compare`` on the report split's answer-token
+accuracy and the stricter goal's checks of ``strato-peft compare --goal strato``);
+``table_v2.py`` turns it into the README's table.
 
     STRATO_DATA_DIR=../shared/data python benchmarks/strato_cpu/run_v2.py
     python benchmarks/strato_cpu/run_v2.py --summarize-only
@@ -144,14 +145,26 @@ def row_at(
     return entry
 
 
-def verdicts(out: Path, lr: float) -> list[dict[str, Any]]:
-    from strato_peft.analysis.compare import compare_runs
+def load_runs(out: Path, lr: float) -> list[Any]:
     from strato_peft.analysis.runs import ACCURACY_METRIC, discover_runs
 
     root = out / f"lr{lr:g}"
     if not root.is_dir():
         return []
-    runs, _ = discover_runs(root, metric=ACCURACY_METRIC, cost_model=False)
+    return discover_runs(root, metric=ACCURACY_METRIC, cost_model=False)[0]
+
+
+def goal(out: Path, lr: float) -> list[dict[str, str]]:
+    """The stricter goal's checks, as ``strato-peft compare --goal strato`` judges them."""
+    from strato_peft.analysis.goal import judge_goal
+
+    return [c.as_row() for c in judge_goal(load_runs(out, lr))]
+
+
+def verdicts(out: Path, lr: float) -> list[dict[str, Any]]:
+    from strato_peft.analysis.compare import compare_runs
+
+    runs = load_runs(out, lr)
     rows = []
     for c in compare_runs(runs):
         d = c.difference
@@ -197,6 +210,7 @@ def summarize(out: Path, started: float) -> None:
         },
         "runs": rows,
         "verdicts": verdicts(out, best) if best else [],
+        "goal": goal(out, best) if best else [],
         "wall_s_this_session": round(time.perf_counter() - started),
     }  # fmt: skip
     atomic_write_json(OUTPUT, report)

@@ -13,9 +13,11 @@ from strato_peft.analysis.compare import (
     Comparison,
     table_rows,
 )
+from strato_peft.analysis.goal import MET, NOT_MET, GoalCheck
 from strato_peft.analysis.runs import Skipped
 
-VERDICT_STYLE = {PASS: "bold green", FAIL: "bold red", INCONCLUSIVE: "bold yellow"}
+VERDICT_STYLE = {PASS: "bold green", FAIL: "bold red", INCONCLUSIVE: "bold yellow",
+                 MET: "bold green", NOT_MET: "bold red"}  # fmt: skip
 
 
 def make_console() -> Console:
@@ -58,3 +60,17 @@ def print_skipped(console: Console, skipped: list[Skipped]) -> None:
     console.print(f"[yellow]skipped {len(skipped)} folder(s):[/]")
     for s in skipped:
         console.print(f"  {s.folder}: {s.reason}", highlight=False, soft_wrap=True)
+
+
+def print_goal(console: Console, checks: list[GoalCheck], method: str) -> None:
+    """The stricter goal's checks (:mod:`strato_peft.analysis.goal`), one line each."""
+    if not checks:
+        console.print(f"goal: no complete {method} runs", highlight=False)
+        return
+    group = None
+    for c in checks:
+        if c.group != group:
+            group = c.group
+            console.print(f"[bold]goal of {group}[/]", highlight=False)
+        style = VERDICT_STYLE.get(c.verdict, "yellow")
+        console.print(f"  - {c.check}: [{style}]{c.verdict}[/] ({c.detail})", highlight=False)

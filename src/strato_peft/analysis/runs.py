@@ -33,6 +33,7 @@ from strato_peft.results import (
     COSTS_FILE,
     ENV_FILE,
     METRICS_FILE,
+    SEARCH_FILE,
     STATUS_FILE,
     RunFileError,
     read_json_object,
@@ -87,6 +88,8 @@ class Run:
     env: dict[str, Any]
     rank_pattern: dict[str, int] | None = None
     costs: dict[str, Any] = field(default_factory=dict)
+    search_cost: dict[str, Any] = field(default_factory=dict)
+    """A searched method's ``search.json`` cost (step equivalents, wall seconds), else {}."""
 
     @property
     def budget(self) -> str:
@@ -223,7 +226,14 @@ def load_run(folder: Path, metric: str = PRIMARY, cost_model: bool = True) -> Ru
         env=env,
         rank_pattern=_rank_pattern(folder),
         costs=costs,
+        search_cost=_search_cost(folder),
     )
+
+
+def _search_cost(folder: Path) -> dict[str, Any]:
+    search = read_json_or(folder / SEARCH_FILE, {})
+    cost = search.get("cost") if isinstance(search, dict) and search.get("complete") else None
+    return dict(cost) if isinstance(cost, dict) else {}
 
 
 _FLOPS_CACHE: dict[str, float | None] = {}

@@ -58,29 +58,67 @@ def compare(argv: list[str]) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--goal", metavar="METHOD", default=None,
+        help="also judge the stricter goal of a searched method against its controls "
+        "(METHOD-band, METHOD-random ...): cost caps on params and FLOPs, search cost, "
+        "the guardrail, loss vs LoRA and vs each control (e.g. --goal strato)",
+    )  # fmt: skip
+    parser.add_argument("--goal-params", type=_positive, default=0.5, metavar="X",
+                        help="goal: params <= X times LoRA's (default 0.5)")  # fmt: skip
+    parser.add_argument("--goal-flops", type=_positive, default=0.8, metavar="X",
+                        help="goal: FLOPs per step <= X times LoRA's (default 0.8)")  # fmt: skip
+    parser.add_argument("--goal-search-cost", type=_positive, default=2.0, metavar="X",
+                        help="goal: search <= X LoRA trainings in step equivalents (default 2)")  # fmt: skip
     args = parser.parse_args(argv)
     loaded = _load(args)
     if loaded is None:
         return 1
     from strato_peft.analysis.compare import compare_runs, markdown_table
-    from strato_peft.analysis.console import make_console, print_comparisons, print_skipped
+    from strato_peft.analysis.console import (
+        make_console,
+        print_comparisons,
+        print_goal,
+        print_skipped,
+    )
+    from strato_peft.analysis.goal import Goal, judge_goal
 
     runs, skipped = loaded
     comparisons = compare_runs(runs)
+    goal = []
+    if args.goal:
+        spec = Goal(method=args.goal, params_ratio=args.goal_params,
+                    flops_ratio=args.goal_flops, search_cost_ratio=args.goal_search_cost)  # fmt: skip
+        goal = judge_goal(runs, spec)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown_table(comparisons) + "\n")
     if args.json:
-        rows = [c.as_row() for c in comparisons]
-        print(json.dumps({"comparisons": rows, "skipped": _skipped_json(skipped)}, default=str))
+        out: dict[str, Any] = {"comparisons": [c.as_row() for c in comparisons]}
+        if args.goal:
+            out["goal"] = [g.as_row() for g in goal]
+        out["skipped"] = _skipped_json(skipped)
+        print(json.dumps(out, default=str))
         return 0
     console = make_console()
     if not runs:
         console.print(f"no complete runs under {args.results_dir}")
     else:
         print_comparisons(console, comparisons)
+        if args.goal:
+            print_goal(console, goal, args.goal)
     print_skipped(console, skipped)
     return 0
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
 
 
 def stats(argv: list[str]) -> int:
