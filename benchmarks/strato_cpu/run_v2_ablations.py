@@ -44,6 +44,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -216,6 +217,7 @@ def summarize(out: Path) -> None:
         )  # fmt: skip
         rows.append(entry)
     report = {
+        "calibration": calibration(out, rows),
         "protocol": {
             "main": "results_v2.json (every arm x 3 seeds at learning rate 5e-3)",
             "seed": 42, "grid": [GRID[0], LR, GRID[1]],
@@ -225,6 +227,39 @@ def summarize(out: Path) -> None:
         "runs": rows,
     }  # fmt: skip
     atomic_write_json(OUTPUT, report)
+
+
+def calibration(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per searched arm (seed 42): each first-rung candidate's rung losses on the search
+    split and its final report-split loss (trained to the end: its calibration run, or
+    the main protocol's run for the winner), and the Spearman correlation of every
+    rung's loss with the final loss over the candidates that have both."""
+    from strato_peft.strato.halving import spearman
+
+    result: dict[str, Any] = {}
+    for arm in ("strato", "random-search"):
+        search = read_json_or(main_folder(out, arm) / SEARCH_FILE, {})
+        main_row = row_at(out, main_folder(out, arm), arm, 42, main_folder(out, "lora"))
+        if not search.get("complete") or main_row is None:
+            continue
+        final = {r["job"].removeprefix(f"calib-{arm}-"): r["report_loss"]
+                 for r in rows if r["job"].startswith(f"calib-{arm}-")}  # fmt: skip
+        final[search["winner"]["hash"]] = main_row["report_loss"]
+        candidates = [
+            {"hash": c["hash"], "choice": c["choice"], "source": c["source"],
+             "losses": c["losses"], "final_report_loss": final.get(c["hash"])}
+            for c in search["candidates"]
+        ]  # fmt: skip
+        correlations = {}
+        for rung in search["rungs"]:
+            pairs = [(c["losses"][str(rung)], c["final_report_loss"]) for c in candidates
+                     if str(rung) in c["losses"] and c["final_report_loss"] is not None]  # fmt: skip
+            correlations[str(rung)] = {
+                "n": len(pairs),
+                "spearman": spearman([a for a, _ in pairs], [b for _, b in pairs]),
+            }
+        result[arm] = {"candidates": candidates, "spearman_vs_final_report_loss": correlations}
+    return result
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from strato_peft.analysis.stats import compare_scores  # noqa: E402
 
 START, END = "<!-- table-v2 start -->", "<!-- table-v2 end -->"
+ABLATION_START, ABLATION_END = "<!-- ablations-v2 start -->", "<!-- ablations-v2 end -->"
 ARMS = ("lora", "strato", "random-search", "uniform", "band", "random")
 
 
@@ -185,24 +186,212 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _main_rows(report: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(r["arm"], r["seed"]): r for r in report["runs"]}
+
+
+def lr_grid_lines(report: dict[str, Any], ablations: dict[str, Any]) -> list[str]:
+    """Seed 42: every arm at 2.5e-3, 5e-3 and 1e-2; the best by search-split loss."""
+    main = _main_rows(report)
+    grid: dict[str, dict[float, dict[str, Any]]] = {}
+    for arm in ARMS:
+        if (arm, 42) in main:
+            grid.setdefault(arm, {})[report["protocol"]["learning_rate"]] = main[(arm, 42)]
+    for s in report["protocol"]["lr_sweep"]:
+        grid.setdefault("lora", {})[s["learning_rate"]] = s
+    for r in ablations.get("runs", []):
+        if r["lever"] == "learning rate":
+            grid.setdefault(r["arm"], {})[r["learning_rate"]] = r
+    rates = sorted({lr for cells in grid.values() for lr in cells})
+    lines = [
+        "",
+        "**Learning-rate grid (seed 42)**: search-split loss / report-split loss at each rate; "
+        "each arm's best rate is chosen on the search split. STRATO's and random-search's "
+        "winners are replayed from scratch at the other rates (`control=replay`); uniform, "
+        "band and random keep the allocation matched to STRATO's of the main protocol.",
+        "",
+        "| arm | " + " | ".join(f"lr {lr:g}" for lr in rates)
+        + " | best lr (search split) | report loss at it | STRATO's report loss at its best lr minus it |",
+        "|---|" + "---:|" * (len(rates) + 3),
+    ]  # fmt: skip
+    best: dict[str, tuple[float, float]] = {}
+    for arm, cells in grid.items():
+        scored = {lr: c for lr, c in cells.items() if c.get("search_loss") is not None}
+        if scored:
+            lr = min(scored, key=lambda k: scored[k]["search_loss"])
+            best[arm] = (lr, scored[lr]["report_loss"])
+    for arm in [a for a in ARMS if a in grid]:
+        cells = grid[arm]
+        row = [
+            f"{fmt(cells[lr].get('search_loss'))} / {fmt(cells[lr].get('report_loss'))}"
+            if lr in cells else "—"
+            for lr in rates
+        ]  # fmt: skip
+        complete = len(cells) >= 3
+        lr, loss = best.get(arm, (None, None))
+        diff = (
+            fmt(best["strato"][1] - loss, "+.4f")
+            if "strato" in best and loss is not None and arm != "strato" else "—"
+        )  # fmt: skip
+        tag = "" if complete else " (grid incomplete)"
+        lines.append(f"| {arm} | " + " | ".join(row)
+                     + f" | {fmt(lr, 'g')}{tag} | {fmt(loss)} | {diff} |")  # fmt: skip
+    return lines
+
+
+def alpha_lines(report: dict[str, Any], ablations: dict[str, Any]) -> list[str]:
+    main = _main_rows(report)
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for arm in ("lora", "strato", "band"):
+        if (arm, 42) in main:
+            rows.setdefault(arm, {})["fixed"] = main[(arm, 42)]
+    for r in ablations.get("runs", []):
+        if r["lever"] == "alpha policy":
+            policy = r["job"].split("-")[1]
+            rows.setdefault(r["arm"], {})[policy] = r
+    if "lora" in rows:  # alpha proportional to rank is alpha itself at the reference rank
+        rows["lora"].setdefault("proportional", rows["lora"].get("fixed", {}))
+    policies = ("fixed", "proportional", "rslora")
+    lines = [
+        "",
+        "**Alpha policy (seed 42)**: report-split loss / answer-token accuracy. STRATO is its "
+        "main-protocol winner replayed from scratch under each policy (the search itself ran "
+        "under fixed alpha); LoRA r16 is the reference rank, so proportional is fixed for it.",
+        "",
+        "| arm | " + " | ".join(policies) + " |",
+        "|---|" + "---:|" * len(policies),
+    ]
+    for arm, cells in rows.items():
+        row = [
+            f"{fmt(cells[p].get('report_loss'))} / {fmt(cells[p].get('report_token_accuracy'), '.2f')}"
+            if cells.get(p) else "—"
+            for p in policies
+        ]  # fmt: skip
+        lines.append(f"| {arm} | " + " | ".join(row) + " |")
+    return lines
+
+
+def calibration_lines(ablations: dict[str, Any]) -> list[str]:
+    calibration = ablations.get("calibration", {})
+    if not calibration:
+        return []
+    lines = [
+        "",
+        "**Proxy calibration (seed 42)**: every first-rung candidate trained to the end (32 "
+        "steps, from scratch; the winner's is its main-protocol run). Spearman correlation of "
+        "each rung's search-split loss with the final report-split loss, over the candidates "
+        "that have both (n). search.json cannot hold this number: the search never reads the "
+        "report split.",
+        "",
+    ]
+    for arm, c in calibration.items():
+        cells = []
+        for rung, v in sorted(
+            c["spearman_vs_final_report_loss"].items(), key=lambda kv: int(kv[0])
+        ):
+            cells.append(f"rung {rung}: {fmt(v['spearman'], '+.2f')} (n={v['n']})")
+        done = sum(1 for x in c["candidates"] if x["final_report_loss"] is not None)
+        lines.append(f"- {arm}: {'; '.join(cells)}; {done} of {len(c['candidates'])} "
+                     "candidates trained to the end")  # fmt: skip
+        for x in c["candidates"]:
+            ranks = ", ".join(f"{t.removesuffix('_proj')} {k}"
+                              for t, k in x["choice"]["ranks"].items() if k)  # fmt: skip
+            losses = ", ".join(
+                f"{k}: {v:.4f}" for k, v in sorted(x["losses"].items(), key=lambda kv: int(kv[0]))
+            )
+            lines.append(f"  - layers {x['choice']['lowest_layer']}-29: {ranks}: rungs {losses}; "
+                         f"final report loss {fmt(x['final_report_loss'])}")  # fmt: skip
+    return lines
+
+
+def lever_lines(report: dict[str, Any], ablations: dict[str, Any]) -> list[str]:
+    main = _main_rows(report)
+    levers = [
+        r
+        for r in ablations.get("runs", [])
+        if r["lever"] in ("surrogate gain", "fidelity", "space")
+    ]
+    if not levers:
+        return []
+    lines = [
+        "",
+        "**Levers of the search** (STRATO with one change each; report-split loss and "
+        "accuracy; paired differences against the main protocol's arms of the same seeds, "
+        "Student-t 95% interval when there are 3 seeds)",
+        "",
+        "| lever | seeds | loss mean ± std | accuracy | search cost (step-eq.) | params / FLOPs vs LoRA | allocation (seed 42) | minus LoRA | minus band | minus random-search |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]  # fmt: skip
+    groups: dict[str, list[dict[str, Any]]] = {"v2 as measured (main protocol)": [
+        main[("strato", s)] for s in (42, 43, 44) if ("strato", s) in main]}  # fmt: skip
+    for r in levers:
+        groups.setdefault(f"{r['lever']}: {r['note']}", []).append(r)
+    for name, rs in groups.items():
+        loss = {r["seed"]: r["report_loss"] for r in rs}
+        acc = {r["seed"]: r["report_token_accuracy"] for r in rs}
+        diffs = []
+        for other in ("lora", "band", "random-search"):
+            theirs = {s: main[(other, s)]["report_loss"] for s in loss if (other, s) in main}
+            if len(loss) >= 2:
+                diffs.append(diff_cell(loss, theirs)[0])
+            else:
+                (s,) = loss
+                diffs.append(fmt(loss[s] - theirs[s], "+.4f") if s in theirs else "—")
+        lora = main.get(("lora", 42))
+        first = next((r for r in rs if r["seed"] == 42), rs[0])
+        cost = "—"
+        if lora and first.get("params") and first.get("flops_per_step"):
+            cost = (f"{first['params'] / lora['params']:.3f} / "
+                    f"{first['flops_per_step'] / lora['flops_per_step']:.3f}")  # fmt: skip
+        winner = first.get("winner") or {}
+        alloc = "—"
+        if winner.get("ranks"):
+            alloc = f"layers {winner['lowest_layer']}-29: " + ", ".join(
+                f"{t.removesuffix('_proj')} {k}" for t, k in winner["ranks"].items() if k
+            )
+        elif first.get("allocation"):
+            alloc = f"{first['allocation'].get('adapted_modules', '?')} modules"
+        lines.append(
+            f"| {name} | {','.join(str(s) for s in sorted(loss))} | {mean_std(loss)} | "
+            f"{mean_std(acc)} | {fmt(first.get('search_cost_ratio'), '.2f')} | {cost} | {alloc} | "
+            + " | ".join(diffs)
+            + " |"
+        )
+    return lines
+
+
+def ablation_table(report: dict[str, Any], ablations: dict[str, Any]) -> str:
+    lines = ["Generated by `benchmarks/strato_cpu/table_v2.py` from `results_v2_ablations.json` "
+             "(`run_v2_ablations.py`) and `results_v2.json`."]  # fmt: skip
+    for part in (lever_lines, lr_grid_lines, alpha_lines):
+        lines += part(report, ablations)
+    lines += calibration_lines(ablations)
+    return "\n".join(lines)
+
+
+def _replace(body: str, start: str, end: str, text: str) -> str:
+    if start in body:
+        head, rest = body.split(start, 1)
+        return head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1]
+    return body + f"\n{start}\n{text}\n{end}\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--print", action="store_true")
     args = parser.parse_args()
     report = json.loads((HERE / "results_v2.json").read_text())
-    text = table(report)
+    path = HERE / "results_v2_ablations.json"
+    ablations = json.loads(path.read_text()) if path.exists() else {}
+    text, extra = table(report), ablation_table(report, ablations)
     if args.print:
-        print(text)
+        print(text + "\n\n" + extra)
         return
     readme = HERE / "README.md"
-    body = readme.read_text()
-    if START in body:
-        head, rest = body.split(START, 1)
-        body = head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1]
-    else:
-        body += f"\n{START}\n{text}\n{END}\n"
+    body = _replace(readme.read_text(), START, END, text)
+    body = _replace(body, ABLATION_START, ABLATION_END, extra)
     readme.write_text(body)
-    print(f"wrote the table into {readme}")
+    print(f"wrote the tables into {readme}")
 
 
 if __name__ == "__main__":
