@@ -323,5 +323,9 @@ def test_the_mass_gain_prices_every_slot_at_its_per_parameter_sensitivity() -> N
     # up_proj (576 + 1536) by their size ratio although the probe says they are equal
     ratio = per_parameter["k_proj"] / per_parameter["up_proj"]
     assert ratio == pytest.approx((576 + 1536) / (576 + 192))
+    # size: the probe's ablation, the same prices whatever the probe measured
+    skewed = [float(i % 7 + 1) for i in range(len(slots))]
+    size = per_param_gain(Surrogate(slots, skewed, reference, gain="size"))
+    assert max(size.values()) == pytest.approx(min(size.values()))
     with pytest.raises(ValueError, match="unknown surrogate gain"):
-        Surrogate(slots, flat, reference, gain="size")
+        Surrogate(slots, flat, reference, gain="fisher")

@@ -23,8 +23,9 @@ after another, in this order (cheapest answers to the issue's questions first):
   Spearman correlation of each rung's search-split loss with the final report-split
   loss is measured on candidates that have both (the winners' final runs are the
   main protocol's);
-* ``lever-*``: more levers of the search (fidelity: rungs of 8 and 16 steps; space: the
-  per-slot search of v1 at the same step budget).
+* ``lever-*``: more levers of the search (probe: the surrogate without it, each slot
+  weighed by its size; fidelity: rungs of 8 and 16 steps; space: the per-slot search of
+  v1 at the same step budget); random-search's calibration comes last.
 
 A complete run folder is not repeated: ``--next`` runs the first incomplete job and
 exits (3 when none is left), so a shell loop resumes the queue and picks up a changed
@@ -167,14 +168,20 @@ def jobs(out: Path) -> list[Job]:
             *(Job(f"lr-{arm}-{lr:g}", "learning rate", arm, arm, lr=lr, overrides=from_strato)
               for arm in ("uniform", "band", "random")),
         ]  # fmt: skip
-    for arm in ("strato", "random-search"):
-        for key, path in candidate_files(out, arm):
-            listed.append(
-                Job(f"calib-{arm}-{key}", "proxy calibration", "replay", arm,
-                    overrides=[f"peft.strato.control_from={path}"],
-                    note=f"first-rung candidate {key} of {arm}'s seed-42 search"),
-            )  # fmt: skip
+    calib = {
+        arm: [
+            Job(f"calib-{arm}-{key}", "proxy calibration", "replay", arm,
+                overrides=[f"peft.strato.control_from={path}"],
+                note=f"first-rung candidate {key} of {arm}'s seed-42 search")
+            for key, path in candidate_files(out, arm)
+        ]
+        for arm in ("strato", "random-search")
+    }  # fmt: skip
+    listed += calib["strato"]
     listed += [
+        Job("lever-gain-size", "surrogate gain", "strato", "strato",
+            overrides=["peft.strato.search.surrogate_gain=size"],
+            note="no probe: the surrogate weighs every parameter alike (size)"),
         Job("lever-rungs-8-16", "fidelity", "strato", "strato",
             overrides=["peft.strato.search.rungs=[8,16]", "peft.strato.search.proposals=[2,1]"],
             note="3 candidates, rungs of 8 and 16 steps"),
@@ -183,6 +190,7 @@ def jobs(out: Path) -> list[Job]:
                        "peft.strato.search.steps_per_evaluation=8"],
             note="v1's per-slot space, 7 evaluations of 8 steps (the same 56 step-equivalents)"),
     ]  # fmt: skip
+    listed += calib["random-search"]
     names = [j.name for j in listed]
     assert len(names) == len(set(names)), "job names must be unique"
     return listed

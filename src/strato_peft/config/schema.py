@@ -162,13 +162,14 @@ class StratoSearch(Section):
         "surrogate is refitted to the real evaluations between batches).",
     )
     probe_seeds: int = Field(default=2, gt=0, description="Sensitivity probes (seeds) averaged.")
-    surrogate_gain: Literal["per_parameter", "mass"] = Field(
+    surrogate_gain: Literal["per_parameter", "mass", "size"] = Field(
         default="per_parameter",
         description="What the surrogate weighs a slot's log-rank by: per_parameter = the "
         "probe's sensitivity per parameter (v2 as first measured; with the budget pricing "
         "every parameter again, small modules are counted twice); mass = that times the "
         "slot's parameters per rank, so the gain per parameter the budget trades off is the "
-        "per-parameter sensitivity (docs/strato.md).",
+        "per-parameter sensitivity; size = the slot's size alone, no probe (the probe's "
+        "ablation; docs/strato.md).",
     )
 
 

@@ -252,6 +252,8 @@ class StructuredSearch:
         return self._finish(candidates, winner, last, surrogate, sensitivity, stability, start)
 
     def _probe(self) -> tuple[list[float], float | None]:
+        if self.search.surrogate_gain == "size":  # the surrogate ignores the probe
+            return [1.0] * len(self.space.slots), None
         probes = [
             probe_sensitivity(self.evaluator, self.space.slots, self.search.probe_batches, seed=k)
             for k in range(self.search.probe_seeds)

@@ -12,7 +12,8 @@ probe's per-parameter sensitivity as it is; ``gain="mass"`` multiplies it by the
 parameters per rank (``d_in + d_out``). Under a params budget the second is the one
 whose marginal gain *per parameter* is the per-parameter sensitivity; the first divides
 by the size a second time, so it favours small modules (k_proj, v_proj under GQA) more
-than the probe says they deserve. The prior sets every ``theta_t`` so
+than the probe says they deserve. ``gain="size"`` ignores the probe (every parameter
+equally sensitive): the probe's ablation. The prior sets every ``theta_t`` so
 that the reference allocation scores exactly 1; the fit is ridge regression *towards
 that prior*, so with two or three real evaluations it stays close to the prior and with
 more it learns which module types pay off. Few parameters (one per module type) is the
@@ -46,11 +47,13 @@ class Surrogate:
         self.types = sorted({s.module_type for s in slots})
         self.type_index = [self.types.index(s.module_type) for s in slots]
         weights = np.asarray(sensitivity, dtype=np.float64)
+        sizes = np.asarray([s.d_in + s.d_out for s in slots], dtype=np.float64)
         if gain == "mass":  # the slot's whole first-order gain: per parameter x its size
-            weights = weights * np.asarray([s.d_in + s.d_out for s in slots], dtype=np.float64)
-            weights = weights / weights.mean()
+            weights = weights * sizes / float((weights * sizes).mean())
+        elif gain == "size":  # the probe's ablation: every parameter equally sensitive
+            weights = sizes / float(sizes.mean())
         elif gain != "per_parameter":
-            raise ValueError(f"unknown surrogate gain {gain!r} (per_parameter or mass)")
+            raise ValueError(f"unknown surrogate gain {gain!r} (per_parameter, mass or size)")
         self.gain = gain
         self.sensitivity = weights
         self.ridge = ridge
