@@ -513,9 +513,11 @@ def test_strato_peft_subcommands_reach_the_same_functions(
     assert len(json.loads(capsys.readouterr().out)["skipped"]) == 4
 
 
-def test_strato_budget_includes_lambda_and_uses_measured_flops(
+def test_strato_budget_includes_lambda_and_uses_measured_flops_without_a_cost_model_figure(
     scored_results: Path, tmp_path: Path
 ) -> None:
+    """A folder without the cost model's figure in costs.json (written before it existed)
+    falls back to the measured FLOPs."""
     for seed in (42, 43):
         shutil.copytree(
             run_folder(scored_results, "lora", seed), run_folder(tmp_path, "lora", seed)
@@ -526,6 +528,9 @@ def test_strato_budget_includes_lambda_and_uses_measured_flops(
         config["peft"]["method"] = "strato"
         config["peft"]["strato"]["lambda"] = 0.1
         (dst / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        costs = read(dst / "costs.json")
+        del costs["cost_model_train_flops_per_step"]
+        write(dst / "costs.json", costs)
     runs, skipped = discover_runs(tmp_path)
     assert not skipped
     strato = next(c for c in compare_runs(runs) if c.group.method == "strato")

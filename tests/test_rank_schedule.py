@@ -330,7 +330,7 @@ def test_fast_dev_run_grows_shrinks_and_saves_an_adapter_plain_peft_loads(
     arch = run_config.model.architecture
     reloaded = PeftModel.from_pretrained(build_tiny_model(arch, seed=42), folder / "adapter")
     ours = get_method(run_config.peft).build(build_tiny_model(arch, seed=42))
-    state = torch.load(latest_checkpoint(folder) / STATE_FILE, weights_only=False)
+    state = torch.load(latest_checkpoint(folder) / STATE_FILE, weights_only=True)
     resize_model(ours, state["ranks"])
     with torch.no_grad():
         params = dict(ours.named_parameters())
@@ -372,7 +372,7 @@ def test_resume_after_a_resize_ends_like_an_uninterrupted_run(
     for path in (folder / "checkpoints").glob("step_*"):
         if path.name != "step_00000004":
             shutil.rmtree(path)
-    state = torch.load(folder / "checkpoints" / "step_00000004" / "state.pt", weights_only=False)
+    state = torch.load(folder / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
     assert state["ranks"] != state["method"]["rank_schedule"]["history"][0]  # resized before
     assert main(schedule_args(gsm8k_dir, out, *extra)) == 0
     assert "resumed from step_00000004" in (folder / "training.log").read_text()

@@ -77,7 +77,7 @@ def test_fast_dev_run_writes_a_complete_folder_that_plain_peft_reloads(
         assert list((tmp_path / "logs" / "profiles").glob("*.pt.trace.json"))
         assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
         assert "complete:" in (tmp_path / "logs" / "training.log").read_text()
-    assert folder.name == f"{method}_rank{8 if method == 'adalora' else 16}_seed42"
+    assert folder.name == f"{method}_rank{8 if method == 'adalora' else 16}_seed42_fast-dev-run"
     status = json.loads((folder / "status.json").read_text())
     assert status["status"] == "complete"
     for name in ("config.yaml", "metrics.json", "costs.json", "env.json", "training.log"):
@@ -106,7 +106,7 @@ def test_fast_dev_run_writes_a_complete_folder_that_plain_peft_reloads(
     ours = get_method(config.peft, total_steps=4).build(
         build_tiny_model(config.model.architecture, seed=config.seed)
     )
-    state = torch.load(latest_checkpoint(folder) / STATE_FILE, weights_only=False)
+    state = torch.load(latest_checkpoint(folder) / STATE_FILE, weights_only=True)
     with torch.no_grad():
         params = dict(ours.named_parameters())
         for name, tensor in state["adapter"].items():

@@ -65,6 +65,11 @@ def build_run_parser(prog: str = "strato-peft run") -> argparse.ArgumentParser:
     )
     parser.add_argument("--resume", action="store_true", help="continue the run in its folder")
     parser.add_argument(
+        "--resume-anyway", action="store_true",
+        help="reuse or resume a run folder whose run used a different config (without it "
+        "such a folder is refused, naming the keys that differ)",
+    )  # fmt: skip
+    parser.add_argument(
         "--override",
         action="append",
         default=[],

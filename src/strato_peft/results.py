@@ -125,14 +125,78 @@ def write_status(folder: Path, status: str, **extra: Any) -> None:
     atomic_write_json(Path(folder) / STATUS_FILE, data)
 
 
-def run_dir(config: ExperimentConfig, label: str) -> Path:
-    """The run folder of ``config``: ``<output.dir>/<model>/<task>/<label>_seed<s>``.
+FAST_DEV_SUFFIX = "_fast-dev-run"
+"""A ``--fast-dev-run`` writes ``<label>_seed<s>_fast-dev-run``: never the real run's
+folder, and never read as a result (the analysis skips it)."""
+
+IDENTITY_SECTIONS = ("seed", "model", "task", "peft", "training")
+"""The parts of a resolved config that change what a run trains or reports."""
+IDENTITY_EXEMPT = ("training.save_every_steps", "training.eval_every_steps")
+"""Keys that change when checkpoints and evaluations happen, not what is trained."""
+
+
+def _segment(value: str, key: str) -> str:
+    """``value`` as one folder name, or :class:`RunFileError` naming ``key``."""
+    bad = (
+        not value
+        or value in (".", "..")
+        or any(c in value for c in "/\\\0")
+        or value != value.strip()
+        or Path(value).is_absolute()
+    )
+    if bad:
+        raise RunFileError(
+            f"{key}={value!r} cannot name a run folder: it must be one folder name (no '/', "
+            "'\\', '..' or surrounding spaces), so that the run stays inside output.dir"
+        )
+    return value
+
+
+def run_dir(config: ExperimentConfig, label: str, fast_dev_run: bool = False) -> Path:
+    """The run folder of ``config``: ``<output.dir>/<model>/<task>/<label>_seed<s>``
+    (``..._fast-dev-run`` for a fast dev run). Every part below ``output.dir`` must be one
+    folder name, so a run never writes outside ``output.dir``.
 
     ``label`` is the method's :meth:`~strato_peft.methods.Method.run_label` (the method
     owns its naming; :func:`strato_peft.methods.run_folder` puts the two together).
     """
-    name = f"{label}_seed{config.seed}"
-    return Path(config.output.dir) / config.model.name / config.task.name / name
+    name = f"{_segment(label, 'the run label')}_seed{config.seed}"
+    if fast_dev_run:
+        name += FAST_DEV_SUFFIX
+    model = _segment(config.model.name, "model.name")
+    task = _segment(config.task.name, "task.name")
+    return Path(config.output.dir) / model / task / name
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(folder: Path, config: ExperimentConfig) -> list[str]:
+    """The keys in which ``config`` differs from the one ``folder`` ran with (its
+    ``config.yaml``), within :data:`IDENTITY_SECTIONS` less :data:`IDENTITY_EXEMPT`;
+    ``[]`` when the folder has no config. An unreadable config is a difference."""
+    import yaml
+
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return []
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return [f"{CONFIG_FILE} (unreadable)"]
+    if not isinstance(saved, dict):
+        return [f"{CONFIG_FILE} (not a mapping)"]
+    current = config.model_dump(mode="json", by_alias=True)
+    pick = lambda tree: _flatten({k: tree.get(k) for k in IDENTITY_SECTIONS})  # noqa: E731
+    mine, theirs = pick(current), pick(saved)
+    keys = sorted(set(mine) | set(theirs))
+    return [k for k in keys if k not in IDENTITY_EXEMPT and mine.get(k) != theirs.get(k)]
 
 
 def _umask() -> int:

@@ -36,7 +36,7 @@ from tests.conftest import CONFIGS, ROOT
 from tests.test_training import GSM8K_ROWS, _env, tiny_args
 
 CONFIG = CONFIGS / "experiments" / "tiny_strato.yaml"
-FOLDER = Path("tiny_llama") / "gsm8k" / "strato_rank8_lambda0.5_seed42"
+FOLDER = Path("tiny_llama") / "gsm8k" / "strato_rank8_lambda0.5_seed42_fast-dev-run"
 EVALUATIONS = 5  # peft.strato.search.evaluations of tiny_strato.yaml, the reference's included
 PARAMS_BUDGET = 0.7
 KILL_AT_ROWS = 3  # the base model's anchor, the reference's, one policy proposal
@@ -222,7 +222,7 @@ def test_saved_adapter_loads_in_plain_peft_with_the_found_ranks_and_logits(
         build_tiny_model(config.model.architecture, seed=config.seed),
         method.allocation_config(allocation),  # type: ignore[attr-defined]
     )
-    state = torch.load(latest_checkpoint(folder) / STATE_FILE, weights_only=False)
+    state = torch.load(latest_checkpoint(folder) / STATE_FILE, weights_only=True)
     params = dict(ours.named_parameters())
     with torch.no_grad():
         for name, tensor in state["adapter"].items():
@@ -252,7 +252,7 @@ def test_uniform_control_matches_the_found_allocations_params(
              "--override", f"peft.strato.control_from={killed_and_resumed.folder}",
              "--override", "task.final_eval=false")  # fmt: skip
     assert main(args(gsm8k_data, tmp_path, *extra)) == 0
-    folder = tmp_path / "tiny_llama" / "gsm8k" / "strato-uniform_rank8_seed42"
+    folder = tmp_path / "tiny_llama" / "gsm8k" / "strato-uniform_rank8_seed42_fast-dev-run"
     assert read(folder, "status.json")["status"] == "complete"
 
     arch = tiny_architecture()
@@ -293,7 +293,7 @@ def random_control(seed: int) -> dict[str, int]:
 def test_random_control_is_feasible_and_seeded(gsm8k_data: Path, tmp_path: Path) -> None:
     extra = ("--override", "peft.strato.control=random", "--override", "task.final_eval=false")
     assert main(args(gsm8k_data, tmp_path, *extra)) == 0
-    folder = tmp_path / "tiny_llama" / "gsm8k" / "strato-random_rank8_seed42"
+    folder = tmp_path / "tiny_llama" / "gsm8k" / "strato-random_rank8_seed42_fast-dev-run"
     assert read(folder, "status.json")["status"] == "complete"
     allocation = read(folder, "allocation.json")
     assert allocation and set(allocation.values()) <= {2, 4, 8, 16}

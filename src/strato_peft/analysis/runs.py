@@ -14,10 +14,9 @@ secondary score, as ``-100 x loss`` so that higher is better for every score.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from strato_peft.results import (
     CONFIG_FILE,
     COSTS_FILE,
     ENV_FILE,
+    FAST_DEV_SUFFIX,
     METRICS_FILE,
     SEARCH_FILE,
     STATUS_FILE,
@@ -51,6 +51,8 @@ PRIMARY_METRICS: dict[str, str] = {
 """Task -> primary metric. GSM8K's strict match (``#### N`` answer format, lm-eval's
 headline filter); Alpaca has no reference answers, so its score is the held-out loss."""
 
+COST_MODEL_FLOPS = "cost_model_train_flops_per_step"
+"""The key of ``costs.json`` with the cost model's FLOPs per step of the trained adapter."""
 LOSS_METRIC = "eval_loss"
 ACCURACY_METRIC = "token_accuracy"
 """Teacher-forced answer-token accuracy on the report split, in points: a score the CPU
@@ -197,10 +199,13 @@ def load_run(folder: Path, metric: str = PRIMARY, cost_model: bool = True) -> Ru
         return Skipped(folder, str(reason))
     except (ValueError, TypeError) as exc:
         return Skipped(folder, str(exc))
+    if metrics.get("fast_dev_run") or folder.name.endswith(FAST_DEV_SUFFIX):
+        return Skipped(folder, "a --fast-dev-run smoke test, not a result")
+    if not math.isfinite(score):
+        return Skipped(folder, f"its {chosen} is {score} (not a finite number)")
     flops, source = None, "unavailable"
-    if cost_model:
-        flops = model_flops_per_step(folder)
-        source = "cost model" if flops is not None else source
+    if cost_model and isinstance(costs.get(COST_MODEL_FLOPS), (int, float)):
+        flops, source = float(costs[COST_MODEL_FLOPS]), "cost model"
     if flops is None and isinstance(costs.get("train_flops_per_step"), (int, float)):
         flops, source = float(costs["train_flops_per_step"]), "measured (FlopCounterMode)"
     return Run(
@@ -234,50 +239,6 @@ def _search_cost(folder: Path) -> dict[str, Any]:
     search = read_json_or(folder / SEARCH_FILE, {})
     cost = search.get("cost") if isinstance(search, dict) and search.get("complete") else None
     return dict(cost) if isinstance(cost, dict) else {}
-
-
-_FLOPS_CACHE: dict[str, float | None] = {}
-
-
-def model_flops_per_step(folder: Path) -> float | None:
-    """Training FLOPs of one optimizer step from the cost model on the run's own config.
-
-    The cost model (``strato_peft.costs`` through the dry run's meta-device model) prices
-    every run with the same formulas, so FLOPs compare across runs and machines, unlike
-    the measured ``costs.json`` figure. ``None`` when the config no longer builds (e.g.
-    the model's architecture cannot be resolved offline) or the allocation is searched at
-    run time (STRATO: the config alone does not say it); callers then fall back.
-    Cached per config with seed and paths removed: seeds of a group cost the same.
-    """
-    try:
-        raw = _read_config(folder)
-    except ValueError:
-        return None
-    key_tree = {
-        k: v for k, v in raw.items() if k not in ("seed", "output", "logging", "experiment")
-    }
-    key = json.dumps(key_tree, sort_keys=True, default=str)
-    if key not in _FLOPS_CACHE:
-        _FLOPS_CACHE[key] = _cost_model_flops(folder)
-    return _FLOPS_CACHE[key]
-
-
-def _cost_model_flops(folder: Path) -> float | None:
-    try:
-        from strato_peft.config import load_config
-        from strato_peft.dry_run import dry_run_report
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # transformers/peft deprecation noise
-            report = dry_run_report(load_config(folder / CONFIG_FILE))
-        if "note" in report:
-            # A searched allocation (STRATO): the dry run prices its reference LoRA, not
-            # what the search chose; the measured figure of the trained adapter is truer.
-            return None
-        return float(report["train_flops_per_step"])
-    except Exception as exc:  # any failure: fall back to the measured figure
-        log.debug("cost model failed for %s: %s", folder, exc)
-        return None
 
 
 def _candidate_folders(results_dir: Path) -> list[Path]:

@@ -81,7 +81,12 @@ def _train(config: ExperimentConfig, args: argparse.Namespace) -> int:
 
     folder = run_experiment(
         config,
-        RunOptions(fast_dev_run=args.fast_dev_run, resume=args.resume, profile=args.profile),
+        RunOptions(
+            fast_dev_run=args.fast_dev_run,
+            resume=args.resume,
+            profile=args.profile,
+            resume_anyway=args.resume_anyway,
+        ),
     )
     if int(os.environ.get("RANK", "0")) == 0:  # one line, also under accelerate launch
         print(folder)

@@ -290,6 +290,7 @@ def get_method(settings: PeftSettings, total_steps: int | None = None) -> Method
     return method_class(settings.method)(settings, total_steps=total_steps)
 
 
-def run_folder(config: ExperimentConfig) -> Path:
+def run_folder(config: ExperimentConfig, fast_dev_run: bool = False) -> Path:
     """The run folder of ``config``, named by its method (:meth:`Method.run_label`)."""
-    return run_dir(config, method_class(config.peft.method).run_label(config.peft))
+    label = method_class(config.peft.method).run_label(config.peft)
+    return run_dir(config, label, fast_dev_run=fast_dev_run)

@@ -29,8 +29,8 @@ from strato_peft.methods.resize import module_ranks
 from strato_peft.recipe import LocalAccelerator, StepRunner, TrainingRecipe, iterate_windows
 from strato_peft.training.checkpoint import (
     TrainingState,
-    latest_checkpoint,
     load_checkpoint,
+    readable_checkpoint,
     save_checkpoint,
 )
 from strato_peft.training.tracking import EpochProfiler, Trackers
@@ -113,8 +113,8 @@ class Trainer:
     def resume(self) -> bool:
         """Continue from the newest checkpoint in the run folder, if there is one; else
         from the state the method offers (STRATO's search winner), written as one."""
-        path = latest_checkpoint(self.folder)
-        if path is None:
+        found = readable_checkpoint(self.folder)
+        if found is None:
             initial = self.method.initial_state_path()
             if initial is None:
                 return False
@@ -126,9 +126,10 @@ class Trainer:
                     self.folder, model, initial, self.recipe, self.plan.total_steps
                 )
             self.accelerator.wait_for_everyone()
-            path = latest_checkpoint(self.folder)
-            assert path is not None
+            found = readable_checkpoint(self.folder)
+            assert found is not None
             self.adopted_tokens = -1  # set below from the adopted state
+        path, data = found
         model = self.accelerator.unwrap_model(self.model)
         ranks = module_ranks(model)
         self.state, method_state = load_checkpoint(
@@ -137,6 +138,7 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             process_index=self.accelerator.process_index,
+            data=data,
         )
         if module_ranks(model) != ranks:
             self._rewrap_model()

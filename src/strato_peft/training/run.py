@@ -32,6 +32,7 @@ from strato_peft.results import (
     TRAINING_LOG,
     atomic_directory,
     atomic_write_json,
+    config_differences,
     environment_info,
     read_status,
     remove,
@@ -52,6 +53,8 @@ class RunOptions:
     fast_dev_run: bool = False
     resume: bool = False
     profile: bool = False
+    resume_anyway: bool = False
+    """Reuse or resume a folder whose run used a different config (its keys are logged)."""
 
 
 @dataclass
@@ -108,8 +111,11 @@ def run_experiment(config: ExperimentConfig, options: RunOptions) -> Path:
     """Train and evaluate one experiment; returns its run folder."""
     if options.fast_dev_run:
         config = fast_dev_config(config)
-    folder = run_folder(config)
+    folder = run_folder(config, fast_dev_run=options.fast_dev_run)
+    reused = check_identity(config, folder, options)
     if read_status(folder).get("status") == COMPLETE:
+        if reused:
+            log.warning("%s", reused)
         log.info("%s is already complete; nothing to do (delete it to run again)", folder)
         return folder
     session = setup(config, options, folder)
@@ -121,6 +127,8 @@ def run_experiment(config: ExperimentConfig, options: RunOptions) -> Path:
         if session.main
         else []
     )
+    if reused:
+        log.warning("%s", reused)
     parts: Parts | None = None
     previous_handler = _raise_on_sigterm()
     try:
@@ -143,6 +151,35 @@ def run_experiment(config: ExperimentConfig, options: RunOptions) -> Path:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
     return folder
+
+
+class RunIdentityError(ValueError):
+    """A run folder holds (part of) a run of another config."""
+
+
+def check_identity(config: ExperimentConfig, folder: Path, options: RunOptions) -> str | None:
+    """A folder whose complete or partial run used another config is never reused or
+    resumed silently: :class:`RunIdentityError` names the differing keys, unless
+    ``--resume-anyway`` (then the returned warning names them, for the run's log). A
+    folder with nothing trained yet (no checkpoint, not complete) starts afresh."""
+    from strato_peft.training.checkpoint import latest_checkpoint
+
+    differing = config_differences(folder, config)
+    if not differing:
+        return None
+    complete = read_status(folder).get("status") == COMPLETE
+    if not complete and latest_checkpoint(folder) is None:
+        return None
+    shown = ", ".join(differing[:6]) + (
+        f" and {len(differing) - 6} more" if len(differing) > 6 else ""
+    )
+    what = "a complete run" if complete else "a partial run (checkpoints)"
+    if options.resume_anyway:
+        return f"{folder} holds {what} of another config ({shown}): reused (--resume-anyway)"
+    raise RunIdentityError(
+        f"{folder} holds {what} of another config: {shown} differ. Set a new output.dir, "
+        "delete the folder, or pass --resume-anyway to reuse it as it is"
+    )
 
 
 def setup(config: ExperimentConfig, options: RunOptions, folder: Path) -> Session:
@@ -266,7 +303,38 @@ def evaluate(session: Session, parts: Parts) -> tuple[dict[str, Any], dict[str, 
     accelerator.wait_for_everyone()
     history = trainer.state.history
     final["train_loss"] = history[-1]["loss"] if history else None
+    check_results(final, task_metrics)
     return final, task_metrics
+
+
+class EmptyResultError(ValueError):
+    """A run whose evaluation measured nothing, or measured NaN: it fails, never completes."""
+
+
+def check_results(final: dict[str, Any], task_metrics: dict[str, Any]) -> None:
+    """Fail the run when the report split had no example or a reported number is NaN or
+    infinite (a diverged training, an empty test file): such a folder must not look
+    complete, nor enter an average."""
+    import math
+
+    if not final.get("n") or not final.get("answer_tokens") or final.get("eval_loss") is None:
+        raise EmptyResultError(
+            "the held-out evaluation scored no example (is the report split or the test "
+            "file empty? see task.eval_limit and the data files)"
+        )
+    if task_metrics and task_metrics.get("n", 1) == 0:
+        raise EmptyResultError("the task's evaluation scored no example (is test.jsonl empty?)")
+    bad = [
+        f"{where}.{key}"
+        for where, values in (("final", final), ("task", task_metrics))
+        for key, value in values.items()
+        if isinstance(value, float) and not math.isfinite(value)
+    ]
+    if bad:
+        raise EmptyResultError(
+            f"the evaluation measured non-finite values ({', '.join(bad[:5])}): the training "
+            "diverged or the evaluation data is empty; the run is marked failed"
+        )
 
 
 def save(
@@ -295,6 +363,7 @@ def save(
             "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"
         ),
         **trainer.measured_flops,
+        **_cost_model_figures(config, session.accelerator.unwrap_model(trainer.model)),
     }
     atomic_write_json(folder / COSTS_FILE, costs)
     if config.output.save_adapter:
@@ -315,6 +384,21 @@ def save(
     )
     write_status(folder, COMPLETE)
     log.info("complete: %s (eval loss %.4f)", folder, final["eval_loss"])
+
+
+def _cost_model_figures(config: ExperimentConfig, model: Any) -> dict[str, Any]:
+    """The cost model's FLOPs per optimizer step of the trained adapter, written into
+    ``costs.json`` so the analysis compares runs on the same formulas by reading files
+    only (it never builds a model from a run folder's config)."""
+    from strato_peft.dry_run import cost_estimate
+
+    try:
+        figures = cost_estimate(config, model)
+    except Exception as exc:  # an architecture the cost model does not know
+        log.warning("cost model unavailable for this model (%s): costs.json keeps the "
+                    "measured FLOPs only", exc)  # fmt: skip
+        return {}
+    return {"cost_model_train_flops_per_step": figures["train_flops_per_step"]}
 
 
 class Interrupted(SystemExit):
