@@ -7,7 +7,7 @@ DEMO_CONFIG ?= configs/experiments/cpu_smollm2_gsm8k_lora.yaml
 export STRATO_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup browser demo test test-all coverage lint format
+.PHONY: setup browser sandbox demo test test-all coverage lint format
 
 setup:
 	@scripts/setup_env.sh
@@ -20,15 +20,23 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "warning: chromium not found: the report test will fail (apt-get install chromium)"; fi; }
 
+# bubblewrap, the HumanEval sandbox (Debian package; installed when we are root). See docs/security.md.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing bubblewrap (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  else echo "warning: bwrap not found: HumanEval and the sandbox tests will fail (apt-get install bubblewrap)"; fi; }
+
 demo: setup
 	$(PY) main.py --config $(DEMO_CONFIG)
 
 # The fast suite (pytest tests/), then the integration tests (real data, the real model,
 # whole runs in subprocesses).
-test: setup browser
+test: setup browser sandbox
 	$(PY) -m pytest -q tests/ tests/integration/
 
-test-all: setup browser
+test-all: setup browser sandbox
 	$(PY) -m pytest -q --run-slow tests/ tests/integration/
 
 coverage: setup

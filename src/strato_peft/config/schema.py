@@ -354,6 +354,11 @@ class TaskConfig(Section):
     final_eval: bool = Field(
         default=True, description="Run the task's evaluator (accuracy, pass@k ...) after training."
     )
+    unsafe_exec: bool = Field(
+        default=False,
+        description="HumanEval: where bubblewrap is unavailable, execute generated code anyway, "
+        "without an OS sandbox (a loud warning; see docs/security.md). Unused where bwrap works.",
+    )
 
     @field_validator("name")
     @classmethod

