@@ -69,6 +69,7 @@ def dry_run_report(config: ExperimentConfig, platform_note: str | None = None) -
     }
     if platform_note:
         report["platform"] = platform_note
+    report["warnings"] = config_warnings(config)
     if method.static_allocation:
         peft_model = method.build(model)
     else:
@@ -97,6 +98,12 @@ def dry_run_report(config: ExperimentConfig, platform_note: str | None = None) -
         rank_summary=summarise_ranks(ranks),
     )
     return report
+
+
+def config_warnings(config: ExperimentConfig) -> list[str]:
+    """Settings a real run accepts but that are probably a mistake (logged when the config
+    is validated; the dry run lists them)."""
+    return config.peft.strato.budget.cap_warnings()
 
 
 WEIGHT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -141,6 +148,7 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if "platform" in report:
         lines.append(f"platform         {report['platform']}")
+    lines += [f"warning          {message}" for message in report.get("warnings", [])]
     if "note" in report:
         lines.append(f"note             {report['note']}")
         lines.append(f"budget           {report['budget']}")

@@ -135,7 +135,7 @@ def test_malformed_lines_name_file_and_line(tmp_path: Path, line: str, message: 
 
 def test_answer_without_marker_is_an_error(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "g" / "test.jsonl", [{"question": "q", "answer": "no marker"}])
-    with pytest.raises(DataError, match="row 1: answer has no '#### <number>'"):
+    with pytest.raises(DataError, match=r"test.jsonl:1: answer has no '#### <number>'"):
         load_task(TaskConfig(name="gsm8k", data_path=str(tmp_path / "g"))).test_examples()
 
 

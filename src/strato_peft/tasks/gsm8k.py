@@ -24,7 +24,7 @@ from strato_peft.tasks.base import (
     DataError,
     Example,
     Task,
-    read_jsonl,
+    read_jsonl_lines,
     stable_fraction,
 )
 
@@ -102,15 +102,21 @@ class GSM8KTask(Task):
         )
 
     # -- data ---------------------------------------------------------------------
-    def _rows(self, file_split: str) -> list[dict[str, Any]]:
+    def _rows(self, file_split: str) -> list[tuple[str, dict[str, Any]]]:
+        """``(where, row)`` of a split file: ``where`` names the file and line (or hub row)."""
         local = self.local_dir()
         if local is not None:
             folder, label = local
             self.data_source = label
-            return read_jsonl(Path(folder) / f"{file_split}.jsonl", required=("question", "answer"))
+            path = Path(folder) / f"{file_split}.jsonl"
+            numbered = read_jsonl_lines(path, required=("question", "answer"))
+            return [(f"{path}:{line}", row) for line, row in numbered]
         hub_rows = self.try_hub("main", file_split)
-        if hub_rows is not None:
-            return hub_rows
+        if hub_rows is None:
+            hub_rows = self._packaged_rows(file_split)
+        return [(f"{self.data_source} {file_split} row {i}", r) for i, r in enumerate(hub_rows, 1)]
+
+    def _packaged_rows(self, file_split: str) -> list[dict[str, Any]]:
         try:
             import reasoning_gym
         except ImportError:
@@ -128,13 +134,13 @@ class GSM8KTask(Task):
     def load_split(self, split: str) -> list[Example]:
         file_split = "test" if split == "test" else "train"
         examples = []
-        for index, row in enumerate(self._rows(file_split)):
-            question, answer = str(row["question"]), str(row["answer"])
+        for index, (where, row) in enumerate(self._rows(file_split)):
+            question, answer = row["question"], row["answer"]
+            if not isinstance(question, str) or not isinstance(answer, str):
+                raise DataError(f"{where}: 'question' and 'answer' must be strings")
             gold = extract_strict(answer)
             if gold is None:
-                raise DataError(
-                    f"{self.data_source} {file_split} row {index + 1}: answer has no '#### <number>'"
-                )
+                raise DataError(f"{where}: answer has no '#### <number>'")
             if split != "test" and (stable_fraction(question) < HOLDOUT_FRACTION) != (
                 split == "eval"
             ):
@@ -179,7 +185,7 @@ class GSM8KTask(Task):
         """Rows ``{"id": "test/<line index>", "completion": ...}`` against the test split."""
         by_id = {e.id: e for e in self._split("test")}
         examples, completions = [], []
-        for key, values in self.index_predictions(rows, "completion").items():
+        for key, values in self.index_predictions(rows, self.prediction_field).items():
             if key not in by_id:
                 raise DataError(
                     f"unknown gsm8k id '{key}' (ids are 'test/<0-based line>' of test.jsonl)"

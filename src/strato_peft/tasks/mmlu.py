@@ -54,6 +54,7 @@ class MMLUTask(Task):
     }
     chat_template: ClassVar[bool] = False
     append_eos: ClassVar[bool] = False
+    prediction_field: ClassVar[str] = "choice"
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -161,7 +162,7 @@ class MMLUTask(Task):
         """Rows ``{"id": "<subject>/test/<index>", "choice": "A".."D" or 0..3}``."""
         by_id = {e.id: e for e in self._split("test")}
         examples, choices = [], []
-        for key, values in self.index_predictions(rows, "choice").items():
+        for key, values in self.index_predictions(rows, self.prediction_field).items():
             if key not in by_id:
                 raise DataError(f"unknown mmlu id '{key}'")
             for value in values:
