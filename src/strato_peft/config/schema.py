@@ -8,6 +8,7 @@ follow the product spec's example YAML (``model.path``, ``peft.rank``,
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,6 +18,10 @@ from strato_peft.registry import METHODS, TASKS, check_name
 DeviceType = Literal["auto", "cuda", "rocm", "mps", "cpu"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 ModelSource = Literal["auto", "hub", "local", "gguf", "packaged", "tiny", "architecture"]
+SEED_MAX = 2**32 - 1
+"""The largest seed numpy's ``np.random.seed`` (which ``set_seed`` calls) accepts."""
+
+log = logging.getLogger(__name__)
 
 
 class Section(BaseModel):
@@ -104,10 +109,30 @@ class StratoCostWeights(Section):
 
 
 class StratoBudget(Section):
-    """Hard caps relative to the reference LoRA configuration (``None`` = no cap)."""
+    """Hard caps relative to the reference LoRA configuration (``None`` = no cap).
+
+    A cap above 1 lets the search spend more than the reference itself; that is allowed
+    (a larger-than-LoRA search) but logged as a warning, since it is usually a percentage
+    typed for a fraction (``70`` for ``0.7``).
+    """
 
     params: float | None = Field(default=0.7, gt=0)
     flops: float | None = Field(default=None, gt=0)
+
+    def cap_warnings(self) -> list[str]:
+        """One message per cap above 1 (naming its key)."""
+        return [
+            f"peft.strato.budget.{key}={value:g} is above 1: the cap allows more than the "
+            f"reference LoRA's {key} (caps are fractions of the reference, 0.7 = 70%)"
+            for key, value in (("params", self.params), ("flops", self.flops))
+            if value is not None and value > 1
+        ]
+
+    @model_validator(mode="after")
+    def _warn_above_reference(self) -> StratoBudget:
+        for message in self.cap_warnings():
+            log.warning(message)
+        return self
 
 
 class StratoReference(Section):
@@ -393,6 +418,23 @@ class DeviceInfoConfig(Section):
     compile_model: bool = False
     gpu_ids: list[int] | None = None
 
+    @model_validator(mode="after")
+    def _precision_possible(self) -> DeviceInfoConfig:
+        """Reject what :func:`strato_peft.platform.choose_precision` rejects on any machine."""
+        if self.precision in ("bf16", "fp16"):
+            if not self.mixed_precision:
+                raise ValueError(
+                    f"device_info.precision={self.precision} needs "
+                    "device_info.mixed_precision=true (without mixed precision a run trains "
+                    "in fp32); set device_info.precision to fp32 or auto"
+                )
+            if self.device_type == "mps":
+                raise ValueError(
+                    f"device_info.precision={self.precision}: mixed precision is not "
+                    "supported on mps (device_info.device_type=mps); use fp32 or auto"
+                )
+        return self
+
 
 class LoggingConfig(Section):
     """Logs, trackers and profiling."""
@@ -424,7 +466,9 @@ class ExperimentMeta(Section):
 class ExperimentConfig(Section):
     """The whole, resolved configuration of one run."""
 
-    seed: int = 42
+    seed: int = Field(
+        default=42, ge=0, le=SEED_MAX, description="numpy's seed range: 0 .. 2**32 - 1."
+    )
     experiment: ExperimentMeta = Field(default_factory=ExperimentMeta)
     model: ModelConfig
     peft: PeftSettings = Field(default_factory=PeftSettings)

