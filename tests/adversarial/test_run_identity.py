@@ -118,6 +118,8 @@ def test_an_empty_test_file_fails_the_run_instead_of_completing(
     (folder,) = folders(tmp_path / "out")
     status = json.loads((folder / "status.json").read_text())
     assert status["status"] != "complete" and not (folder / "metrics.json").exists()
+    assert "test split is empty" in status["error"]  # the data check, before training
+    assert not (folder / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(

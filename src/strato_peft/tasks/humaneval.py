@@ -178,6 +178,14 @@ class HumanEvalTask(Task):
             raise DataError(f"unknown humaneval task_id(s): {', '.join(unknown[:5])}")
         return self.score({k: [str(c) for c in v] for k, v in samples.items()}, by_id)
 
+    def check_data(self) -> dict[str, int]:
+        """The data checks, and the sandbox the final evaluation needs: without bubblewrap
+        (and without ``task.unsafe_exec``) the run stops before training, not after."""
+        counts = super().check_data()
+        if self.cfg.final_eval:
+            require_sandbox(self.limits, announce=False)
+        return counts
+
     def evaluate(
         self,
         model: Any,

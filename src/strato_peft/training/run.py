@@ -240,6 +240,7 @@ def build(session: Session) -> Parts:
     set_seed(config.seed)
     log.info("run %s (%s)", session.folder, run_tag(config))
     task = load_task(config.task)
+    task.check_data()  # the report and test data fail now, not after the last step
     if session.options.fast_dev_run and hasattr(task, "max_new_tokens"):
         task.max_new_tokens = min(task.max_new_tokens, FAST_DEV_NEW_TOKENS)
     tokenizer = load_tokenizer(config.model)
