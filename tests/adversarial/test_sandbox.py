@@ -183,7 +183,12 @@ def test_the_correct_completion_still_passes() -> None:
 
 
 NOBODY = r"""
-import importlib.util, json, sys
+import importlib.util, json, pathlib, sys
+# the package's __init__ needs the venv: load the two sandbox modules by path instead
+boot = pathlib.Path(sys.argv[1]).with_name("sandbox_boot.py")
+spec = importlib.util.spec_from_file_location("strato_peft.tasks.sandbox_boot", boot)
+sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sys.modules[spec.name])
 spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
 sandbox = importlib.util.module_from_spec(spec)
 sys.modules["sandbox"] = sandbox
@@ -206,7 +211,10 @@ def test_attacks_fail_for_an_unprivileged_caller(victim: Path) -> None:
     if setpriv is None or not os.path.exists(python):
         pytest.skip("needs setpriv (util-linux) and /usr/bin/python3 to become nobody")
     module = Path(sandbox.__file__).resolve()
-    if not all(os.stat(p).st_mode & 0o005 for p in [module, *module.parents]):
+    if not all(
+        os.stat(p).st_mode & 0o005
+        for p in [module, *module.parents, module.with_name("sandbox_boot.py")]
+    ):
         pytest.skip(f"{module} is not readable by nobody")
     attacks = {name: WRONG + code for name, code in escapes(victim).items()}
     attacks |= {"os._exit(0)": WRONG + EXIT_EARLY["os._exit(0)"], "correct": "    return a + b\n"}
