@@ -180,3 +180,22 @@ def test_the_scoring_interface_refuses_repeated_ids_and_no_rows(gsm8k_20: Path) 
         task.score_predictions(rows)
     with pytest.raises(DataError, match="no predictions to score"):
         task.score_predictions([])
+
+
+def test_humaneval_without_bubblewrap_refuses_unless_unsafe_exec(
+    tmp_path: Path,
+    humaneval_dir: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from strato_peft.tasks import sandbox
+
+    monkeypatch.setattr(sandbox, "bwrap_available", lambda: False)
+    rows = [{"task_id": "HumanEval/0", "completion": "    return a + b\n"}]
+    predictions = write_jsonl(tmp_path / "samples.jsonl", rows)
+    args = ("--task", "humaneval", "--predictions", str(predictions),
+            "--data-path", str(humaneval_dir), "--workers", "1")  # fmt: skip
+    code, out, err = _score(capsys, *args)
+    assert "bubblewrap" in _one_line_error(code, out, err)
+    code, out, err = _score(capsys, *args, "--unsafe-exec")
+    assert code == 0 and json.loads(out)["pass@1"] == 1.0

@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workers", type=int, default=None, help="HumanEval: parallel sandboxes")
     parser.add_argument(
+        "--unsafe-exec",
+        action="store_true",
+        help="HumanEval without bubblewrap: run completions with rlimits only (escapable; "
+        "logs a loud warning; docs/security.md)",
+    )
+    parser.add_argument(
         "--dedupe",
         action="store_true",
         help="GSM8K/MMLU: keep the first row of a repeated id (warns) instead of failing",
@@ -49,7 +55,11 @@ def main(argv: list[str]) -> int:
     from strato_peft.tasks import DataError, load_task
 
     try:
-        task = load_task(TaskConfig(name=args.task, data_path=args.data_path, subset=args.subset))
+        settings = TaskConfig(
+            name=args.task, data_path=args.data_path, subset=args.subset,
+            unsafe_exec=args.unsafe_exec,
+        )  # fmt: skip
+        task = load_task(settings)
         rows = task.read_predictions(args.predictions, dedupe=args.dedupe)
         if args.workers is not None and hasattr(task, "workers"):
             task.workers = max(1, args.workers)
