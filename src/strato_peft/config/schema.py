@@ -188,7 +188,7 @@ class StratoSearch(Section):
     )
     probe_seeds: int = Field(default=2, gt=0, description="Sensitivity probes (seeds) averaged.")
     surrogate_gain: Literal["per_parameter", "mass", "size"] = Field(
-        default="per_parameter",
+        default="mass",
         description="What the surrogate weighs a slot's log-rank by: per_parameter = the "
         "probe's sensitivity per parameter (v2 as first measured; with the budget pricing "
         "every parameter again, small modules are counted twice); mass = that times the "
