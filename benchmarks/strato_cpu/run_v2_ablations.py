@@ -24,8 +24,8 @@ after another, in this order (cheapest answers to the issue's questions first):
   loss is measured on candidates that have both (the winners' final runs are the
   main protocol's);
 * ``lever-*``: more levers of the search (probe: the surrogate without it, each slot
-  weighed by its size; fidelity: rungs of 8 and 16 steps; space: the per-slot search of
-  v1 at the same step budget); random-search's calibration comes last.
+  weighed by its size; space: the per-slot search of v1 at the same step budget;
+  fidelity: rungs of 8 and 16 steps); random-search's calibration comes last.
 
 A complete run folder is not repeated: ``--next`` runs the first incomplete job and
 exits (3 when none is left), so a shell loop resumes the queue and picks up a changed
@@ -182,13 +182,13 @@ def jobs(out: Path) -> list[Job]:
         Job("lever-gain-size", "surrogate gain", "strato", "strato",
             overrides=["peft.strato.search.surrogate_gain=size"],
             note="no probe: the surrogate weighs every parameter alike (size)"),
-        Job("lever-rungs-8-16", "fidelity", "strato", "strato",
-            overrides=["peft.strato.search.rungs=[8,16]", "peft.strato.search.proposals=[2,1]"],
-            note="3 candidates, rungs of 8 and 16 steps"),
         Job("lever-per-slot", "space", "strato", "strato",
             overrides=["peft.strato.search.mode=per_slot", "peft.strato.search.evaluations=7",
                        "peft.strato.search.steps_per_evaluation=8"],
             note="v1's per-slot space, 7 evaluations of 8 steps (the same 56 step-equivalents)"),
+        Job("lever-rungs-8-16", "fidelity", "strato", "strato",
+            overrides=["peft.strato.search.rungs=[8,16]", "peft.strato.search.proposals=[2,1]"],
+            note="3 candidates, rungs of 8 and 16 steps"),
     ]  # fmt: skip
     listed += calib["random-search"]
     names = [j.name for j in listed]
