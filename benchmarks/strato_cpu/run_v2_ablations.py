@@ -139,11 +139,11 @@ def jobs(out: Path) -> list[Job]:
     listed = [
         Job("lever-gain-mass", "surrogate gain", "strato", "strato",
             overrides=["peft.strato.search.surrogate_gain=mass"],
-            note="surrogate gain weighted by the slot's size (mass)"),
+            note="mass (per-parameter sensitivity x slot size)"),
         Job("lr-lora-0.01", "learning rate", "lora", "lora", lr=1.0e-2),
         *(Job(f"lever-gain-mass-{seed}", "surrogate gain", "strato", "strato", seed=seed,
               overrides=["peft.strato.search.surrogate_gain=mass"], group="lever-gain-mass",
-              note="surrogate gain weighted by the slot's size (mass)")
+              note="mass (per-parameter sensitivity x slot size)")
           for seed in (43, 44)),
     ]  # fmt: skip
     for policy in ("rslora", "proportional"):
@@ -181,14 +181,14 @@ def jobs(out: Path) -> list[Job]:
     listed += [
         Job("lever-gain-size", "surrogate gain", "strato", "strato",
             overrides=["peft.strato.search.surrogate_gain=size"],
-            note="no probe: the surrogate weighs every parameter alike (size)"),
+            note="size (no probe: every parameter alike)"),
         Job("lever-per-slot", "space", "strato", "strato",
             overrides=["peft.strato.search.mode=per_slot", "peft.strato.search.evaluations=7",
                        "peft.strato.search.steps_per_evaluation=8"],
             note="v1's per-slot space, 7 evaluations of 8 steps (the same 56 step-equivalents)"),
         Job("lever-rungs-8-16", "fidelity", "strato", "strato",
             overrides=["peft.strato.search.rungs=[8,16]", "peft.strato.search.proposals=[2,1]"],
-            note="3 candidates, rungs of 8 and 16 steps"),
+            note="3 candidates, rungs of 8 and 16 steps (instead of 6 at 4, 8, 16)"),
     ]  # fmt: skip
     listed += calib["random-search"]
     names = [j.name for j in listed]
