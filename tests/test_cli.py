@@ -111,3 +111,21 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_.value.code == 2
     with pytest.raises(SystemExit):
         main(["--config", LORA, "--platform", "tpu"])
+
+
+def test_bare_key_value_overrides_work_like_override(capsys: pytest.CaptureFixture[str]) -> None:
+    """Hydra and torchtune users type ``peft.rank=8``: the same as ``--override``, with the
+    same errors, in any position."""
+    assert main(["--config", LORA, "--dry-run", "--json", "peft.rank=8"]) == 0
+    bare = json.loads(capsys.readouterr().out)
+    assert main(["--config", LORA, "--dry-run", "--json", "--override", "peft.rank=8"]) == 0
+    assert bare == json.loads(capsys.readouterr().out)
+    assert main(["peft.rank=8", "--config", LORA, "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == bare
+    assert main(["--config", LORA, "peft.rank=8", "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == bare
+    assert main(["--config", LORA, "--dry-run", "peft.rnak=8"]) == 2
+    assert "peft.rnak" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", LORA, "--dry-run", "peft.rank"])
+    assert exit_.value.code == 2 and "KEY.PATH=VALUE" in capsys.readouterr().err

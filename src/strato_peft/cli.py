@@ -76,6 +76,12 @@ def build_run_parser(prog: str = "strato-peft run") -> argparse.ArgumentParser:
         metavar="KEY.PATH=VALUE",
         help="set a config value (YAML-parsed); repeatable, e.g. --override peft.rank=8",
     )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY.PATH=VALUE",
+        help="bare overrides, as in Hydra or torchtune (peft.rank=8), the same as --override",
+    )
     return parser
 
 
@@ -124,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
         return EXIT_OK if args else EXIT_USAGE
-    if args[0].startswith("-"):
+    if args[0].startswith("-") or "=" in args[0]:  # flags or a bare key=value: a run
         return _dispatch("run", args)
     if args[0] not in SUBCOMMANDS:
         hint = did_you_mean(args[0], tuple(SUBCOMMANDS))

@@ -41,13 +41,17 @@ def _platform_note(config: ExperimentConfig) -> str:
 def main(argv: list[str]) -> int:
     """Parse the spec's flags, load the config, then dry-run or train."""
     parser = build_run_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # bare overrides anywhere among the flags
     setup_logging(args.debug)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.json and not args.dry_run:
         parser.error("--json goes with --dry-run")
+    bare = [item for item in args.overrides if "=" not in item]
+    if bare:
+        parser.error(f"unexpected argument {bare[0]!r}: a bare override is KEY.PATH=VALUE")
+    overrides = [*args.override, *args.overrides, *flag_overrides(args)]
     try:
-        config = load_config(args.config, [*args.override, *flag_overrides(args)], seed=args.seed)
+        config = load_config(args.config, overrides, seed=args.seed)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
