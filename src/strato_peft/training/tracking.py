@@ -90,7 +90,9 @@ def _start_wandb(config: ExperimentConfig, folder: Path) -> Any:
     try:
         import wandb
     except ImportError:
-        log.warning("wandb is not installed (pip install wandb); continuing without it")
+        log.warning(
+            "wandb is not installed (pip install 'strato-peft[wandb]'); continuing without it"
+        )
         return None
     mode = os.environ.get("WANDB_MODE")
     if not mode and not os.environ.get("WANDB_API_KEY"):
