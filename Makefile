@@ -12,21 +12,21 @@ export HF_HUB_OFFLINE ?= 1
 setup:
 	@scripts/setup_env.sh
 
-# Headless Chromium for the HTML-report test (Debian package; installed when we are root).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing chromium (apt-get)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "warning: chromium not found: the report test will fail (apt-get install chromium)"; fi; }
+# $(call apt_ensure,COMMAND,PACKAGE,WHAT FAILS WITHOUT IT): install a Debian package
+# when its command is missing and we are root; otherwise warn.
+apt_ensure = command -v $(1) >/dev/null 2>&1 || { \
+  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+    echo "installing $(2) (apt-get)"; \
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
+  else echo "warning: $(1) not found: $(3) (apt-get install $(2))"; fi; }
 
-# bubblewrap, the HumanEval sandbox (Debian package; installed when we are root). See docs/security.md.
+# Headless Chromium for the HTML-report test.
+browser:
+	@$(call apt_ensure,chromium,chromium,the report test will fail)
+
+# bubblewrap, the HumanEval sandbox. See docs/security.md.
 sandbox:
-	@command -v bwrap >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing bubblewrap (apt-get)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
-	  else echo "warning: bwrap not found: HumanEval and the sandbox tests will fail (apt-get install bubblewrap)"; fi; }
+	@$(call apt_ensure,bwrap,bubblewrap,HumanEval and the sandbox tests will fail)
 
 demo: setup
 	$(PY) main.py --config $(DEMO_CONFIG)

@@ -59,19 +59,26 @@ def killed_copy(finished: Path, target: Path) -> Path:
     return folder
 
 
+def plant_hostile(finished: Path, tmp_path: Path, *steps: str) -> tuple[Path, Path]:
+    """A killed copy of the run (in ``tmp_path/run``) whose ``steps`` checkpoints are
+    hostile pickles; the run folder and the marker file their command would create."""
+    marker = tmp_path / "pwned"
+    folder = killed_copy(finished, tmp_path / "run")
+    for step in steps:
+        torch.save({"adapter": Hostile(marker)}, folder / "checkpoints" / step / "state.pt")
+    return folder, marker
+
+
 def test_a_hostile_pickle_never_runs_and_an_intact_older_checkpoint_takes_over(
     finished: Path,
     gsm8k_dir: Path,  # noqa: F811
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    marker = tmp_path / "pwned"
-    out = tmp_path / "run"
-    folder = killed_copy(finished, out)
+    folder, marker = plant_hostile(finished, tmp_path, "step_00000004")
     newest = folder / "checkpoints" / "step_00000004" / "state.pt"
-    torch.save({"adapter": Hostile(marker)}, newest)
     capsys.readouterr()
-    assert main(tiny_args("lora", gsm8k_dir, out, *EXTRA)) == 0
+    assert main(tiny_args("lora", gsm8k_dir, tmp_path / "run", *EXTRA)) == 0
     assert not marker.exists()  # the command in the pickle never ran
     log = (folder / "training.log").read_text()
     assert "holds objects other than tensors" in log and str(newest) in log
@@ -89,13 +96,9 @@ def test_when_no_checkpoint_reads_the_run_stops_with_one_line_naming_them(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    marker = tmp_path / "pwned"
-    out = tmp_path / "run"
-    folder = killed_copy(finished, out)
-    for step in ("step_00000002", "step_00000004"):
-        torch.save({"adapter": Hostile(marker)}, folder / "checkpoints" / step / "state.pt")
+    _, marker = plant_hostile(finished, tmp_path, "step_00000002", "step_00000004")
     capsys.readouterr()
-    assert main(tiny_args("lora", gsm8k_dir, out, *EXTRA)) != 0
+    assert main(tiny_args("lora", gsm8k_dir, tmp_path / "run", *EXTRA)) != 0
     err = capsys.readouterr().err
     assert "no checkpoint of" in err and "Traceback" not in err
     assert not marker.exists()
