@@ -214,6 +214,12 @@ def lr_grid_lines(report: dict[str, Any], ablations: dict[str, Any]) -> list[str
         + " | best lr (search split) | report loss at it | STRATO's report loss at its best lr minus it |",
         "|---|" + "---:|" * (len(rates) + 3),
     ]  # fmt: skip
+    extra = sum(len(cells) for cells in grid.values()) - len(grid)
+    lines[1] += (
+        f" The sweep's cost: {extra} trainings beyond the {len(grid)} of seed 42 at the shared "
+        f"rate (each about one LoRA training; the searched arms' winners are replayed, their "
+        "searches not repeated). Each arm's row at the shared rate is the unswept number."
+    )
     best: dict[str, tuple[float, float]] = {}
     for arm, cells in grid.items():
         scored = {lr: c for lr, c in cells.items() if c.get("search_loss") is not None}
