@@ -23,8 +23,8 @@ after another, in this order (cheapest answers to the issue's questions first):
   Spearman correlation of each rung's search-split loss with the final report-split
   loss is measured on candidates that have both (the winners' final runs are the
   main protocol's);
-* ``lever-*``: more levers of the search (probe: the surrogate without it, each slot
-  weighed by its size; space: the per-slot search of v1 at the same step budget;
+* ``lever-*``: more levers of the search (space: the per-slot search of v1 at the same
+  step budget; probe: the surrogate without it, each slot weighed by its size;
   fidelity: rungs of 8 and 16 steps); random-search's calibration comes last.
 
 A complete run folder is not repeated: ``--next`` runs the first incomplete job and
@@ -179,13 +179,13 @@ def jobs(out: Path) -> list[Job]:
     }  # fmt: skip
     listed += calib["strato"]
     listed += [
-        Job("lever-gain-size", "surrogate gain", "strato", "strato",
-            overrides=["peft.strato.search.surrogate_gain=size"],
-            note="size (no probe: every parameter alike)"),
         Job("lever-per-slot", "space", "strato", "strato",
             overrides=["peft.strato.search.mode=per_slot", "peft.strato.search.evaluations=7",
                        "peft.strato.search.steps_per_evaluation=8"],
             note="v1's per-slot space, 7 evaluations of 8 steps (the same 56 step-equivalents)"),
+        Job("lever-gain-size", "surrogate gain", "strato", "strato",
+            overrides=["peft.strato.search.surrogate_gain=size"],
+            note="size (no probe: every parameter alike)"),
         Job("lever-rungs-8-16", "fidelity", "strato", "strato",
             overrides=["peft.strato.search.rungs=[8,16]", "peft.strato.search.proposals=[2,1]"],
             note="3 candidates, rungs of 8 and 16 steps (instead of 6 at 4, 8, 16)"),
