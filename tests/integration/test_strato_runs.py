@@ -269,17 +269,22 @@ def test_uniform_control_matches_the_found_allocations_params(
     }
     target = sum(rank * width[name.rsplit(".", 1)[1]] for name, rank in found.items())
     per_rank = arch.num_hidden_layers * (width["q_proj"] + width["v_proj"])
-    rank = max(1, round(target / per_rank))
-    expected = {
-        f"model.layers.{layer}.self_attn.{m}": rank
+    rank = max(1, int(target // per_rank))
+    allocation = read(folder, "allocation.json")
+    assert set(allocation) == {
+        f"model.layers.{layer}.self_attn.{m}"
         for layer in range(arch.num_hidden_layers)
         for m in ("q_proj", "v_proj")
     }
-    assert read(folder, "allocation.json") == expected
+    # rank r everywhere, r + 1 on as many modules (top layers first) as bring the params
+    # closest to the found allocation's: one integer rank can miss it by more than 5%
+    assert set(allocation.values()) <= {rank, rank + 1}
+    params = sum(r * width[n.rsplit(".", 1)[1]] for n, r in allocation.items())
+    assert abs(params - target) <= max(width["q_proj"], width["v_proj"])  # one module's rank
     control = read(folder, "metrics.json")["method"]["control"]
     assert control["kind"] == "uniform" and control["rank"] == rank
     assert control["target_params"] == target
-    assert read(folder, "costs.json")["trainable_params"] == rank * per_rank
+    assert read(folder, "costs.json")["trainable_params"] == params
     assert not (folder / "search.json").exists()  # a control does not search
 
 

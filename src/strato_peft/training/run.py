@@ -304,7 +304,8 @@ def evaluate(session: Session, parts: Parts) -> tuple[dict[str, Any], dict[str, 
     accelerator.wait_for_everyone()
     history = trainer.state.history
     final["train_loss"] = history[-1]["loss"] if history else None
-    check_results(final, task_metrics)
+    if session.main:  # the report split and the task's evaluation run there only
+        check_results(final, task_metrics)
     return final, task_metrics
 
 
