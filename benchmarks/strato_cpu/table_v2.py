@@ -130,13 +130,11 @@ def table(report: dict[str, Any]) -> str:
         "| STRATO vs | loss difference | accuracy difference |",
         "|---|---:|---:|",
     ]
-    diffs: dict[str, Any] = {}
     for arm in present:
         if arm == "strato" or "strato" not in loss:
             continue
-        cell_l, d_l = diff_cell(loss["strato"], loss[arm])
-        cell_a, d_a = diff_cell(acc.get("strato", {}), acc.get(arm, {}), "+.2f")
-        diffs[arm] = (d_l, d_a)
+        cell_l, _ = diff_cell(loss["strato"], loss[arm])
+        cell_a, _ = diff_cell(acc.get("strato", {}), acc.get(arm, {}), "+.2f")
         lines.append(f"| {arm} | {cell_l} | {cell_a} |")
     lines += [
         "",

@@ -31,6 +31,7 @@ from strato_peft.analysis.compare import (
     INCONCLUSIVE,
     NOT_ENOUGH_DATA,
     Group,
+    _ratio,
     find_baseline,
     group_runs,
     guardrail,
@@ -88,10 +89,6 @@ def loss_verdict(d: Difference, strictly_better: bool) -> str:
     if strictly_better:
         return MET if d.ci_high < 0 else NOT_MET if d.ci_low > 0 else INCONCLUSIVE
     return MET if d.ci_low <= 0 else NOT_MET
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or not b else a / b
 
 
 def _search_cost(group: Group) -> float | None:
